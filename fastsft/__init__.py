@@ -1,0 +1,3 @@
+"""fastsft: fast single-GPU instruction tuning."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,332 @@
+"""fastsft's lean decoder for the Llama family (Llama, Mistral, Qwen2, Qwen3).
+
+Submodule names mirror transformers' so that state-dict keys match Hugging Face
+checkpoints exactly (model.embed_tokens, model.layers.{i}.self_attn.q_proj, ...,
+model.norm, lm_head). `CausalLM.forward` returns the final-normed hidden states,
+never logits: the loss owns the LM-head matmul (see `CausalLM.logits`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+
+__all__ = ["RMSNorm", "RotaryEmbedding", "Attention", "MLP", "DecoderLayer", "Backbone", "CausalLM",
+           "build_model", "compute_inv_freq", "rotate_half", "apply_rotary_pos_emb"]
+
+
+# --------------------------------------------------------------------------- RoPE
+def compute_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """RoPE inverse frequencies [head_dim // 2] in float32 on CPU (default/linear/llama3)."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (
+        config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim)
+    )
+    rs = config.rope_scaling
+    if rs is None:
+        return inv_freq
+    rope_type = rs["rope_type"]
+    if rope_type == "linear":
+        return inv_freq / float(rs["factor"])
+    if rope_type == "llama3":
+        factor = float(rs["factor"])
+        low, high = float(rs["low_freq_factor"]), float(rs["high_freq_factor"])
+        old_ctx = float(rs["original_max_position_embeddings"])
+        low_freq_wavelen = old_ctx / low
+        high_freq_wavelen = old_ctx / high
+        wavelen = 2 * math.pi / inv_freq
+        # Long wavelengths (low frequencies) are slowed down by `factor` ...
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        # ... short ones are kept, and the band in between is interpolated smoothly.
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        return torch.where(is_medium, smoothed, scaled)
+    raise ValueError(f"unsupported rope type {rope_type!r}")  # config validation makes this unreachable
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin):
+    """q,k: [B, H, T, D]; cos, sin: [B, T, D] (HF rotate_half convention)."""
+    cos = cos.unsqueeze(1)
+    sin = sin.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin per token from position_ids. Holds no buffer: inv_freq is a float32
+    tensor cached per device outside the state dict, so `.to(bfloat16)` never rounds it
+    and meta-device construction needs no special handling."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self._inv_freq_cpu = compute_inv_freq(config)
+        self._cache: dict[torch.device, torch.Tensor] = {}
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        t = self._cache.get(device)
+        if t is None:
+            t = self._inv_freq_cpu.to(device)
+            self._cache[device] = t
+        return t
+
+    @torch.no_grad()
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        inv = self.inv_freq(position_ids.device)
+        freqs = position_ids[..., None].float() * inv  # [B, T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+# --------------------------------------------------------------------------- blocks
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * h.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.variance_epsilon}"
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.sliding_window = config.layer_sliding_window(layer_idx)
+        h, hd = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(h, self.num_heads * hd, bias=config.attention_bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * hd, bias=config.attention_bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * hd, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * hd, h, bias=config.o_proj_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(hd, config.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+        else:
+            self.q_norm = None
+            self.k_norm = None
+
+    def forward(self, x, cos, sin, attn_mask: Optional[torch.Tensor]):
+        """attn_mask: None -> plain causal (SDPA is_causal fast path); else bool [B|1, 1, T, T]."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        gqa = self.num_kv_heads != self.num_heads
+        if attn_mask is None:
+            # Fast path: flash attention handles causal GQA natively.
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            if gqa:
+                # The memory-efficient CUDA kernel (the one taking a mask) has no native
+                # GQA, so expand kv heads rather than falling back to the math kernel.
+                rep = self.num_heads // self.num_kv_heads
+                k = k.repeat_interleave(rep, dim=1)
+                v = v.repeat_interleave(rep, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(h, i, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(i, h, bias=config.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, h, cos, sin, attn_mask):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, attn_mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def _build_mask(T: int, key_mask: Optional[torch.Tensor], window: Optional[int], device) -> Optional[torch.Tensor]:
+    """Boolean SDPA mask (True = attend) [B|1, 1, T, T]: causal AND key-not-pad AND in window.
+    Every query may always see itself, so fully padded rows never produce NaN."""
+    if key_mask is None and window is None:
+        return None
+    idx = torch.arange(T, device=device)
+    diff = idx[:, None] - idx[None, :]  # q - k
+    allowed = diff >= 0
+    if window is not None:
+        allowed = allowed & (diff < window)
+    allowed = allowed[None, None]
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, None, :].bool()
+    eye = torch.eye(T, dtype=torch.bool, device=device)[None, None]
+    return allowed | eye
+
+
+# --------------------------------------------------------------------------- model
+class Backbone(nn.Module):
+    """The `model.` part of the state dict (HF's LlamaModel equivalent)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+        self.gradient_checkpointing = False
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, cu_seqlens=None):
+        if cu_seqlens is not None:
+            raise NotImplementedError("packed rows land with the packing work")
+        B, T = input_ids.shape
+        device = input_ids.device
+        if attention_mask is not None:
+            if attention_mask.shape != (B, T):
+                raise ValueError(f"attention_mask must be [B, T] = {(B, T)}, got {tuple(attention_mask.shape)}")
+            if bool(attention_mask.all()):
+                attention_mask = None  # no padding: keep the is_causal fast path
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+            else:
+                position_ids = torch.arange(T, device=device).unsqueeze(0).expand(B, T)
+        elif position_ids.dim() == 1:
+            position_ids = position_ids.unsqueeze(0).expand(B, T)
+
+        h = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(position_ids, h.dtype)
+        masks: dict[Optional[int], Optional[torch.Tensor]] = {}
+        for layer in self.layers:
+            w = layer.self_attn.sliding_window
+            if w not in masks:
+                masks[w] = _build_mask(T, attention_mask, w, device)
+            mask = masks[w]
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask)
+        return self.norm(h)
+
+
+class CausalLM(nn.Module):
+    """Decoder-only LM. forward(...) -> final-normed hidden states [B, T, D]."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    # -- weight tying -------------------------------------------------------
+    def tie_weights(self) -> None:
+        """Make lm_head.weight the very same Parameter as embed_tokens.weight (if tied)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.model.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value: bool) -> None:
+        self.model.gradient_checkpointing = bool(value)
+
+    # -- forward ------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        cu_seqlens: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """input_ids [B,T]; position_ids [B,T] (default arange, or cumsum(mask)-1 with a mask);
+        attention_mask [B,T] 1=token 0=pad (e.g. left padding). Returns hidden [B,T,D]."""
+        return self.model(input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                          cu_seqlens=cu_seqlens)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    # -- utilities ----------------------------------------------------------
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Unique parameters (a tied embedding counts once)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """HF-style init: normal(0, initializer_range) for Linear/Embedding weights,
+        zeros for biases, ones for RMSNorm weights."""
+        std = self.config.initializer_range
+        dev = next(self.parameters()).device
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(seed)
+        seen: set[int] = set()
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                if id(m.weight) not in seen:
+                    seen.add(id(m.weight))
+                    m.weight.normal_(0.0, std, generator=gen)
+                if isinstance(m, nn.Linear) and m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+
+def build_model(
+    config: Union[ModelConfig, str],
+    dtype: torch.dtype = torch.float32,
+    device: Union[str, torch.device] = "cpu",
+    seed: int = 0,
+) -> CausalLM:
+    """A randomly initialised CausalLM (config may be a preset name, e.g. "tiny")."""
+    if isinstance(config, str):
+        config = ModelConfig.from_name(config)
+    with torch.device("meta"):
+        model = CausalLM(config)
+    model.to(dtype)  # free on meta: memory is allocated once, directly in `dtype`
+    model.to_empty(device=device)
+    model.tie_weights()  # to_empty may re-create Parameters, so tie again
+    model.init_weights(seed)
+    return model
