@@ -1,0 +1,176 @@
+"""Response-masked linear cross-entropy: the loss owns the LM-head matmul.
+
+    loss_i = lse(z_i) - z_i[y_i]        z_i = softcap(h_i W^T + b)       (rows with y_i != ignore_index)
+
+plus optional label smoothing and z-loss. The model returns hidden states and this module computes
+the logits chunk by chunk, so the full ``[tokens x vocab]`` logits never exist in memory.
+
+This file holds the plain PyTorch implementation: the CPU path, the oracle for the Triton kernel in
+``fastsft.kernels`` and the ablation in benchmarks. Algorithm (blockwise recompute, as in Cut
+Cross-Entropy): the forward keeps only one float32 log-sum-exp per kept row; the backward recomputes
+each chunk's logits and turns them straight into gradients. Extra memory is one chunk of logits,
+bounded by ``CHUNK_BYTES``, whatever the vocabulary.
+
+Rows whose label is ``ignore_index`` are compacted away before any matmul, so prompt tokens cost
+nothing; a frozen head (LoRA) skips all weight-gradient work.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+# One chunk of float32 logits (rows x V) plus its softmax stays under this many bytes: 256 MiB keeps
+# the reference usable at V=152k (~440 rows a chunk) without the chunk loop dominating small V.
+CHUNK_BYTES = 256 * 1024 * 1024
+
+
+def _rows_per_chunk(vocab: int) -> int:
+    return max(1, CHUNK_BYTES // (2 * 4 * vocab))
+
+
+def _chunk_logits(h, weight, bias, softcap):
+    """float32 logits of one chunk, and tanh(x/t) when soft-capped (needed by the backward)."""
+    z = (h @ weight.t()).float()
+    if bias is not None:
+        z = z + bias.float()
+    if softcap is None:
+        return z, None
+    t = torch.tanh(z / softcap)
+    return softcap * t, t
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Per-row losses of the kept rows; see the module docstring for the math."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, label_smoothing, z_loss, softcap):
+        n, vocab = h.shape[0], weight.shape[0]
+        losses = h.new_empty(n, dtype=torch.float32)
+        lse_all = h.new_empty(n, dtype=torch.float32)
+        step = _rows_per_chunk(vocab)
+        for s in range(0, n, step):
+            z, _ = _chunk_logits(h[s : s + step], weight, bias, softcap)  # (c, V) float32
+            lse = torch.logsumexp(z, dim=-1)
+            tgt = targets[s : s + step]
+            nll = lse - z.gather(1, tgt[:, None]).squeeze(1)
+            if label_smoothing > 0.0:
+                # torch's definition: (1 - eps) * nll + eps * mean_j(lse - z_j)
+                nll = (1.0 - label_smoothing) * nll + label_smoothing * (lse - z.mean(dim=-1))
+            if z_loss > 0.0:
+                nll = nll + z_loss * lse * lse
+            losses[s : s + step] = nll
+            lse_all[s : s + step] = lse
+        ctx.mark_non_differentiable(lse_all)
+        ctx.save_for_backward(h, weight, bias, targets, lse_all)
+        ctx.opts = (label_smoothing, z_loss, softcap)
+        return losses, lse_all
+
+    @staticmethod
+    def backward(ctx, grad_losses, _grad_lse):
+        h, weight, bias, targets, lse_all = ctx.saved_tensors
+        label_smoothing, z_loss, softcap = ctx.opts
+        n, vocab = h.shape[0], weight.shape[0]
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        grad_h = torch.zeros_like(h) if need_h else None
+        # float32 accumulation of the head gradients across chunks
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(vocab, dtype=torch.float32, device=h.device) if need_b else None
+        step = _rows_per_chunk(vocab)
+        for s in range(0, n, step):
+            hc = h[s : s + step]
+            z, tanh = _chunk_logits(hc, weight, bias, softcap)
+            lse = lse_all[s : s + step, None]
+            p = torch.exp(z - lse)  # softmax, (c, V)
+            # d loss / d z = (1 + 2 s lse) p - (1 - eps) onehot(y) - eps / V
+            dz = p * (1.0 + 2.0 * z_loss * lse) if z_loss > 0.0 else p
+            if label_smoothing > 0.0:
+                dz = dz - label_smoothing / vocab
+            rows = torch.arange(hc.shape[0], device=h.device)
+            dz[rows, targets[s : s + step]] -= 1.0 - label_smoothing
+            dz = dz * grad_losses[s : s + step, None].float()
+            if softcap is not None:
+                dz = dz * (1.0 - tanh * tanh)
+            if need_h:
+                grad_h[s : s + step] = (dz.to(weight.dtype) @ weight).to(h.dtype)
+            if need_w:
+                grad_w += dz.t() @ hc.float()
+            if need_b:
+                grad_b += dz.sum(0)
+        grad_w = grad_w.to(weight.dtype) if need_w else None
+        grad_b = grad_b.to(bias.dtype) if need_b else None
+        return grad_h, grad_w, grad_b, None, None, None, None
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items: int | float | torch.Tensor | None = None,
+    shift: bool = False,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    return_z_loss: bool = False,
+):
+    """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels`` without materialising logits.
+
+    hidden: ``[..., D]``; labels: ``[...]`` (the same leading shape); weight: ``[V, D]``; bias: ``[V]``.
+    ``shift=True`` predicts ``labels[..., t + 1]`` from ``hidden[..., t, :]`` (HF-style unshifted labels).
+    ``reduction``: ``"mean"`` over non-ignored rows (0 when every row is ignored), ``"sum"``, or
+    ``"none"`` (per-row losses in the leading shape, 0 on ignored rows). ``num_items``: return the sum
+    divided by this external count (e.g. the response tokens of a whole gradient-accumulation step), so
+    micro-batches add up to the loss of the step. ``z_loss``: adds ``z_loss * lse^2`` per row; with
+    ``return_z_loss`` the function returns ``(loss, z_loss_term)`` with the term reduced the same way.
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if num_items is not None and reduction == "none":
+        raise ValueError("num_items divides a summed loss; it cannot be combined with reduction='none'")
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree")
+    if shift:
+        pad = torch.full_like(labels[..., :1], ignore_index)
+        labels = torch.cat([labels[..., 1:], pad], dim=-1)
+    out_shape = labels.shape
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1)
+    keep = (y != ignore_index).nonzero().squeeze(1)  # compaction: ignored rows never reach a matmul
+    losses_kept, lse_kept = _LinearCrossEntropy.apply(
+        h.index_select(0, keep), weight, bias, y.index_select(0, keep), float(label_smoothing),
+        float(z_loss), softcap,
+    )
+    z_kept = z_loss * lse_kept.detach() ** 2
+
+    def _reduce(values: torch.Tensor) -> torch.Tensor:
+        if reduction == "none":
+            full = values.new_zeros(y.shape[0])
+            return full.index_copy(0, keep, values).reshape(out_shape)
+        total = values.sum()
+        if num_items is not None:
+            return total / num_items
+        if reduction == "mean":
+            return total / max(int(keep.numel()), 1)
+        return total
+
+    loss = _reduce(losses_kept)
+    if return_z_loss:
+        return loss, _reduce(z_kept)
+    return loss
+
+
+class FusedLinearCrossEntropyLoss(nn.Module):
+    """Module form of :func:`fused_linear_cross_entropy`; call as ``loss(hidden, weight, labels, bias)``."""
+
+    def __init__(self, *, ignore_index=-100, reduction="mean", shift=False, label_smoothing=0.0,
+                 z_loss=0.0, softcap=None):
+        super().__init__()
+        self.opts = dict(ignore_index=ignore_index, reduction=reduction, shift=shift,
+                         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+
+    def forward(self, hidden, weight, labels, bias=None, num_items=None):
+        return fused_linear_cross_entropy(hidden, weight, labels, bias, num_items=num_items, **self.opts)
