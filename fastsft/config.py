@@ -1,0 +1,300 @@
+"""The training configuration: one dataclass tree, loaded from YAML, overridden by ``--section.key value``.
+
+    fastsft train                                   # the embedded default, needs nothing from outside
+    fastsft train run.yaml --train.lr 1e-4          # a YAML file plus overrides
+
+Every field's ``help`` is what ``fastsft train --help`` prints; unknown keys are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value; the message names the key."""
+
+
+def _opt(default, help: str, choices: tuple | None = None):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, "choices": choices})
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = _opt(None, "Hugging Face model directory or hub id. Unset: a random model from `model.config`.")
+    config: str = _opt("tiny", "With no `model.path`: a preset name (tiny) or a config.json path; weights are random.")
+    tokenizer: str | None = _opt(None, "Tokenizer directory or hub id, or 'byte' (built in). Default: the model's, or 'byte'.")
+    dtype: str = _opt("auto", "Weight dtype; auto = bfloat16 on CUDA, float32 on CPU.",
+                      ("auto", "float32", "bfloat16", "float16"))
+    gradient_checkpointing: bool = _opt(False, "Recompute each decoder layer in the backward to save activation memory.")
+
+
+@dataclass
+class LoRAConfig:
+    enabled: bool = _opt(True, "Train LoRA adapters on a frozen base; false trains every weight (full fine-tune).")
+    r: int = _opt(16, "LoRA rank.")
+    alpha: float = _opt(16.0, "LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with rslora).")
+    dropout: float = _opt(0.0, "Dropout on the LoRA input.")
+    target_modules: list = _opt(list(ALL_LINEAR), "Linear layers (by short name) that get adapters.")
+    rslora: bool = _opt(False, "Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+
+
+@dataclass
+class DataConfig:
+    datasets: list = _opt([], "Training files: a list of paths or {path, format, fields, weight}. "
+                              "Empty: the built-in generated instruction dataset.")
+    format: str = _opt("auto", "Record format for datasets that do not set their own.",
+                       ("auto", "alpaca", "prompt_completion", "sharegpt", "messages", "text"))
+    fields: dict = _opt({}, "Field mapping canonical=source for datasets that do not set their own, "
+                            "e.g. prompt=question,completion=answer (GSM8K).")
+    eval_datasets: list = _opt([], "Held-out files (same forms as datasets); empty: split off eval_fraction.")
+    eval_fraction: float = _opt(0.05, "Fraction of each training dataset held out for eval when no eval_datasets.")
+    general_text: str | None = _opt(None, "A plain-text (.txt) or {text} JSON/JSONL file whose perplexity is "
+                                          "tracked to watch forgetting.")
+    max_seq_len: int = _opt(512, "Records are truncated to this many tokens; ones left with no response are dropped.")
+    train_on: str = _opt("all", "Multi-turn: train every assistant turn or only the last.", ("all", "last"))
+    add_bos: str = _opt("auto", "Prepend the BOS token (auto: when the tokenizer has one).", ("auto", "true", "false"))
+    skip_bad_records: bool = _opt(False, "Skip malformed records (counted and reported) instead of stopping.")
+    builtin_size: int = _opt(6000, "Records generated for the built-in dataset.")
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = _opt(1.0, "Passes over the training data (ignored when max_steps > 0).")
+    max_steps: int = _opt(0, "Optimizer steps; 0: derived from epochs.")
+    micro_batch_size: int = _opt(8, "Sequences per forward/backward.")
+    grad_accum: int = _opt(1, "Micro-batches per optimizer step.")
+    lr: float = _opt(2e-4, "Peak learning rate.")
+    schedule: str = _opt("cosine", "Learning-rate schedule after warmup.", ("cosine", "linear", "constant"))
+    warmup_ratio: float = _opt(0.03, "Fraction of the steps spent warming up linearly from 0.")
+    min_lr_ratio: float = _opt(0.0, "The schedule decays to lr * min_lr_ratio.")
+    weight_decay: float = _opt(0.0, "AdamW weight decay.")
+    adam_betas: list = _opt([0.9, 0.999], "AdamW betas.")
+    adam_eps: float = _opt(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = _opt(1.0, "Gradient clipping by global norm; 0 disables.")
+    group_by_length: bool = _opt(True, "Batch sequences of similar length together (less padding).")
+    seed: int = _opt(0, "Seed for model init, LoRA init, data order and dropout.")
+    device: str = _opt("auto", "auto = cuda when available, else cpu.", ("auto", "cpu", "cuda"))
+    precision: str = _opt("auto", "Autocast precision; auto = bf16 on CUDA, fp32 on CPU.", ("auto", "bf16", "fp16", "fp32"))
+    threads: int = _opt(0, "CPU threads for torch; 0 leaves torch's default.")
+
+
+@dataclass
+class EvalConfig:
+    every: int = _opt(0, "Evaluate every N optimizer steps (also always before and after training); 0: only then.")
+    max_records: int = _opt(512, "Eval records used for loss and perplexity.")
+    exact_match: int = _opt(64, "Eval records whose response is generated greedily and compared exactly; 0 disables.")
+    max_new_tokens: int = _opt(64, "Generation limit for exact-match.")
+    batch_size: int = _opt(16, "Sequences per eval forward.")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = _opt("runs/{time}", "Output directory ({time} becomes the start time).")
+    checkpoint_every: int = _opt(0, "Write a resumable checkpoint every N optimizer steps; 0: only at the end.")
+    keep_checkpoints: int = _opt(2, "Checkpoints kept (oldest deleted first).")
+    log_every: int = _opt(10, "Log metrics every N optimizer steps.")
+    progress: bool = _opt(True, "Show a progress bar.")
+    plot: bool = _opt(True, "Write loss.png with the train/eval loss curves.")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _section_class(name: str):
+    return {"model": ModelConfig, "lora": LoRAConfig, "data": DataConfig, "train": TrainConfig,
+            "eval": EvalConfig, "output": OutputConfig}[name]
+
+
+def iter_options():
+    """Yield (dotted key, dataclass field) for every option, in declaration order."""
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(_section_class(section.name)):
+            yield f"{section.name}.{f.name}", f
+
+
+def _field_kind(f) -> type:
+    """The base Python type of a field (str | None -> str)."""
+    hint = typing.get_type_hints(_owner_of(f))[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def _owner_of(f):
+    for section in dataclasses.fields(Config):
+        cls = _section_class(section.name)
+        if any(g is f for g in dataclasses.fields(cls)):
+            return cls
+    raise KeyError(f.name)
+
+
+_FIELDS = dict(iter_options())
+
+
+def _unknown(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(_FIELDS) + list(SECTIONS), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"{where}unknown config key '{key}'{hint}")
+
+
+def coerce(key: str, value: Any) -> Any:
+    """Convert a YAML or command-line value to the type of option ``key``; errors name the key."""
+    f = _FIELDS[key]
+    kind = _field_kind(f)
+    if value is None:
+        if f.default is None:
+            return None
+        raise ConfigError(f"config key '{key}' cannot be null")
+    try:
+        if isinstance(value, str) and kind is not str:
+            value = _parse_cli_value(value, kind)
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise TypeError
+        elif kind is int:
+            if isinstance(value, bool) or not isinstance(value, int) and not (isinstance(value, float) and value.is_integer()):
+                raise TypeError
+            value = int(value)
+        elif kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError
+            value = float(value)
+        elif kind is str:
+            if isinstance(value, (dict, list)):
+                raise TypeError
+            value = str(value)
+        elif kind is list:
+            value = value if isinstance(value, list) else [value]
+        elif kind is dict:
+            if not isinstance(value, dict):
+                raise TypeError
+            value = {str(k): str(v) for k, v in value.items()}
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key '{key}' expects {kind.__name__}, got {value!r}") from None
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def _parse_cli_value(text: str, kind: type):
+    if kind is bool:
+        low = text.strip().lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(text)
+    if kind is dict:
+        # prompt=question,completion=answer   or YAML {prompt: question}
+        if "=" in text and not text.lstrip().startswith("{"):
+            pairs = [p.split("=", 1) for p in text.split(",") if p.strip()]
+            if any(len(p) != 2 for p in pairs):
+                raise ValueError(text)
+            return {k.strip(): v.strip() for k, v in pairs}
+        return yaml.safe_load(text)
+    if kind is list:
+        if text.lstrip().startswith("["):
+            return yaml.safe_load(text)
+        return [yaml.safe_load(p.strip()) for p in text.split(",") if p.strip()]
+    value = yaml.safe_load(text)
+    if kind is float and isinstance(value, str):
+        return float(value)  # YAML reads '2e-4' as a string
+    return value
+
+
+def set_option(cfg: Config, key: str, value: Any, where: str = "") -> None:
+    if key not in _FIELDS:
+        raise _unknown(key, where)
+    section, name = key.split(".", 1)
+    setattr(getattr(cfg, section), name, coerce(key, value))
+
+
+def from_dict(d: dict, where: str = "") -> Config:
+    cfg = Config()
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}a config must be a mapping of sections, got {type(d).__name__}")
+    for section, body in d.items():
+        if section not in SECTIONS:
+            raise _unknown(str(section), where)
+        if not isinstance(body, dict):
+            raise ConfigError(f"{where}section '{section}' must be a mapping, got {body!r}")
+        for name, value in body.items():
+            set_option(cfg, f"{section}.{name}", value, where)
+    validate(cfg)
+    return cfg
+
+
+def load(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a YAML config (or start from the defaults), apply dotted overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {p} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    cfg = from_dict(data, where=f"{path}: " if path else "")
+    for key, value in (overrides or {}).items():
+        set_option(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a single key's type cannot express."""
+    def need(ok: bool, key: str, msg: str):
+        if not ok:
+            raise ConfigError(f"config key '{key}' {msg}")
+
+    need(cfg.lora.r > 0, "lora.r", "must be positive")
+    need(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+    need(cfg.train.micro_batch_size > 0, "train.micro_batch_size", "must be positive")
+    need(cfg.train.grad_accum > 0, "train.grad_accum", "must be positive")
+    need(cfg.train.lr > 0, "train.lr", "must be positive")
+    need(0.0 <= cfg.train.warmup_ratio < 1.0, "train.warmup_ratio", "must be in [0, 1)")
+    need(cfg.train.epochs > 0 or cfg.train.max_steps > 0, "train.epochs", "or train.max_steps must be positive")
+    need(len(cfg.train.adam_betas) == 2, "train.adam_betas", "must hold two numbers")
+    need(0.0 <= cfg.data.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")
+    need(cfg.data.max_seq_len >= 8, "data.max_seq_len", "must be at least 8")
+    need(cfg.output.keep_checkpoints >= 1, "output.keep_checkpoints", "must be at least 1")
+    need(cfg.output.log_every >= 1, "output.log_every", "must be at least 1")
+    for i, d in enumerate(cfg.data.datasets + cfg.data.eval_datasets):
+        if isinstance(d, dict):
+            extra = set(d) - {"path", "format", "fields", "weight"}
+            need(not extra and "path" in d, "data.datasets",
+                 f"entry {i} must be a path or {{path, format, fields, weight}}; got {d!r}")
+        else:
+            need(isinstance(d, str), "data.datasets", f"entry {i} must be a path; got {d!r}")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
