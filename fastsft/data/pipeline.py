@@ -1,0 +1,424 @@
+"""From record files to token stores: `build_dataset` and `encode_record`.
+
+    specs -> read (formats.read_records) -> detect format / map fields -> validate every record
+          -> render (templates) -> tokenize in batches -> labels from character spans
+          -> BOS, truncation -> TokenStore per dataset -> eval split -> weighted mixture
+
+Every record of every file is validated before anything is returned, so a bad line stops the run
+before training starts (or is skipped and counted with `skip_bad_records=True`).
+
+Label conventions (labels are not shifted; labels[t] is ids[t] or -100):
+- prompt/system/user tokens and template scaffolding: -100; response tokens and the EOS or
+  end-of-turn token after them: trained;
+- position 0 is never trained: no token predicts it (so BOS, when added, is -100, and
+  `num_trained_tokens` equals the number of next-token targets).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .errors import DataError, RecordError
+from .formats import (FORMATS, RawRecord, apply_fields, check_fields, detect_file_format,
+                      detect_format, normalize, read_records, records_from_memory)
+from .store import IGNORE_INDEX, TokenStore
+from .templates import TRAIN_ON, Rendered, render_example
+from .tokenizer import Tokenizer, load_tokenizer
+
+_ENCODE_BATCH = 512    # texts per tokenizer call: large enough to amortise the Rust call
+_BAD_EXAMPLES = 5      # bad-record messages kept per file in the report
+
+
+@dataclass
+class DatasetSpec:
+    """One dataset: a .json/.jsonl file (`path`) or in-memory `records` (list of dicts).
+
+    format: "auto" (detected per file) or one of FORMATS. fields: canonical -> source field
+    mapping applied before detection, e.g. {"prompt": "question", "completion": "answer"}.
+    weight: the dataset contributes round(weight * len) records to the training mixture."""
+    path: str | Path | None = None
+    format: str = "auto"
+    fields: dict[str, str] | None = None
+    weight: float = 1.0
+    records: list[Any] | None = None
+    name: str | None = None
+
+    def __post_init__(self):
+        if (self.path is None) == (self.records is None):
+            raise ValueError("DatasetSpec needs exactly one of path= or records=")
+        if self.format not in FORMATS + ("auto",):
+            raise ValueError(f"{self.display_name}: unknown format {self.format!r} "
+                             f"(expected auto or one of {', '.join(FORMATS)})")
+        w = self.weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ValueError(f"{self.display_name}: weight must be a finite number >= 0, got {w!r}")
+        self.fields = check_fields(self.fields, where=self.display_name) or None
+
+    @property
+    def display_name(self) -> str:
+        if self.name:
+            return self.name
+        return str(self.path) if self.path is not None else "records"
+
+    @classmethod
+    def coerce(cls, spec: Any) -> "DatasetSpec":
+        if isinstance(spec, DatasetSpec):
+            return spec
+        if isinstance(spec, (str, Path)):
+            return cls(path=spec)
+        if isinstance(spec, Mapping):
+            return cls(**spec)
+        raise TypeError(f"expected a DatasetSpec, path or dict, got {type(spec).__name__}")
+
+
+@dataclass
+class DatasetBundle:
+    train: TokenStore
+    eval: TokenStore | None
+    report: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------
+# Tokenizing rendered examples
+
+
+def _check_add_bos(add_bos: Any) -> None:
+    if add_bos not in ("auto", True, False):
+        raise ValueError(f"add_bos must be 'auto', True or False, got {add_bos!r}")
+
+
+def _piece_labels(ids: list[int], offsets: list[tuple[int, int]], text_len: int,
+                  spans: list[tuple[int, int]]) -> list[int]:
+    if not spans:
+        return [IGNORE_INDEX] * len(ids)
+    if spans == [(0, text_len)]:
+        return list(ids)
+    off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    s, e = off[:, 0], off[:, 1]
+    trained = np.zeros(len(ids), dtype=bool)
+    for a, b in spans:
+        # a token is trained when its characters overlap the span (a zero-width token: lies in it)
+        trained |= ((s < b) & (e > a)) | ((s == e) & (s >= a) & (s < b))
+    return np.where(trained, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist()
+
+
+def tokenize_rendered(rendered: Sequence[Rendered], tokenizer: Tokenizer,
+                      add_bos: Any = "auto") -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) for each rendered example; one batched tokenizer call per chunk of texts."""
+    _check_add_bos(add_bos)
+    texts = [text for r in rendered for text, _ in r.pieces]
+    encoded: list = []
+    for k in range(0, len(texts), _ENCODE_BATCH):
+        encoded.extend(tokenizer.encode_batch(texts[k:k + _ENCODE_BATCH]))
+    bos, eos = tokenizer.bos_id, tokenizer.eos_id
+    if add_bos is True and bos is None:
+        raise ValueError("add_bos=True but the tokenizer has no BOS token")
+    out = []
+    it = iter(encoded)
+    for r in rendered:
+        ids: list[int] = []
+        labels: list[int] = []
+        for text, spans in r.pieces:
+            p_ids, p_offs = next(it)
+            ids.extend(p_ids)
+            labels.extend(_piece_labels(p_ids, p_offs, len(text), spans))
+        if r.append_eos and eos is not None:
+            ids.append(eos)
+            labels.append(eos)
+        if add_bos is True or (add_bos == "auto" and bos is not None and (not ids or ids[0] != bos)):
+            ids.insert(0, bos)
+            labels.insert(0, IGNORE_INDEX)
+        if labels:
+            labels[0] = IGNORE_INDEX  # nothing predicts the first token
+        out.append((ids, labels))
+    return out
+
+
+def _resolve_format(record: Any, fmt: str, fields: Mapping[str, str]) -> str:
+    if fmt != "auto":
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown format {fmt!r} (expected auto or one of {', '.join(FORMATS)})")
+        return fmt
+    if not isinstance(record, dict):
+        raise RecordError("record is not a JSON object")
+    detected = detect_format(apply_fields(record, fields))
+    if detected is None:
+        raise RecordError(f"cannot detect the data format from keys {sorted(record)}; "
+                          f"pass a format and/or a field mapping")
+    return detected
+
+
+def encode_record(record: dict, fmt: str, tokenizer: Tokenizer, *, train_on: str = "all",
+                  add_bos: Any = "auto", fields: Mapping[str, str] | None = None
+                  ) -> tuple[list[int], list[int]]:
+    """Encode one record (no truncation). `fmt` may be "auto". Raises RecordError (reason only)."""
+    if train_on not in TRAIN_ON:
+        raise ValueError(f"train_on must be one of {TRAIN_ON}, got {train_on!r}")
+    fields = check_fields(fields)
+    tokenizer = load_tokenizer(tokenizer)
+    fmt = _resolve_format(record, fmt, fields)
+    example = normalize(record, fmt, fields)
+    rendered = render_example(example, fmt, tokenizer, train_on)
+    try:
+        (ids, labels), = tokenize_rendered([rendered], tokenizer, add_bos)
+    except (ValueError, TypeError) as e:
+        raise RecordError(f"tokenizer failed: {e}") from None
+    if not any(l != IGNORE_INDEX for l in labels):
+        raise RecordError("record has no trained tokens")
+    return ids, labels
+
+
+# ------------------------------------------------------------------------------------------------
+# One dataset
+
+
+class _BadRecords:
+    def __init__(self, skip: bool):
+        self.skip = skip
+        self.count = 0
+        self.examples: list[str] = []
+
+    def __call__(self, err: RecordError, raw: RawRecord, path: str) -> None:
+        located = err.at(path, line=raw.line, index=raw.index)
+        if not self.skip:
+            raise located from None
+        self.count += 1
+        if len(self.examples) < _BAD_EXAMPLES:
+            self.examples.append(str(located))
+
+
+def load_dataset(spec: DatasetSpec, tokenizer: Tokenizer, *, max_seq_len: int, train_on: str = "all",
+                 add_bos: Any = "auto", skip_bad_records: bool = False, source: int = 0,
+                 name: str | None = None) -> tuple[TokenStore, dict]:
+    """Read, validate and encode one dataset into a TokenStore (all records, before any split or
+    mixing) plus its report entry."""
+    name = name or spec.display_name
+    path = str(spec.path) if spec.path is not None else name
+    fields = spec.fields or {}
+    if spec.records is not None:
+        if not isinstance(spec.records, (list, tuple)):
+            raise DataError(f"records must be a list, got {type(spec.records).__name__}", path=path)
+        raws = records_from_memory(spec.records)
+        if not raws:
+            raise DataError("no records", path=path)
+    else:
+        raws = read_records(spec.path)
+
+    detected = spec.format == "auto"
+    fmt = detect_file_format(raws, fields, path) if detected else spec.format
+    bad = _BadRecords(skip_bad_records)
+
+    # validate and render every record first: errors name the record before any tokenization
+    rendered: list[Rendered] = []
+    kept_raws: list[RawRecord] = []
+    for raw in raws:
+        try:
+            if raw.error is not None:
+                raise raw.error
+            rendered.append(render_example(normalize(raw.value, fmt, fields), fmt, tokenizer, train_on))
+            kept_raws.append(raw)
+        except RecordError as e:
+            bad(e, raw, path)
+
+    try:
+        encoded = tokenize_rendered(rendered, tokenizer, add_bos)
+    except Exception:
+        # find the culprit record so the error can name it
+        encoded = []
+        good_raws = []
+        for r, raw in zip(rendered, kept_raws):
+            try:
+                encoded.extend(tokenize_rendered([r], tokenizer, add_bos))
+                good_raws.append(raw)
+            except Exception as e:
+                bad(RecordError(f"tokenizer failed: {type(e).__name__}: {e}"), raw, path)
+        kept_raws = good_raws
+
+    kept, dropped, truncated = [], 0, 0
+    for (ids, labels), raw in zip(encoded, kept_raws):
+        if all(l == IGNORE_INDEX for l in labels):
+            bad(RecordError("record has no trained tokens"), raw, path)
+            continue
+        if len(ids) > max_seq_len:
+            ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+            if all(l == IGNORE_INDEX for l in labels):
+                dropped += 1
+                continue
+            truncated += 1
+        kept.append((ids, labels))
+
+    n_read = len(raws)
+    if not kept:
+        if bad.count:
+            raise DataError(f"no usable records: all {bad.count} of {n_read} records are bad "
+                            f"(first: {bad.examples[0]})", path=path)
+        raise DataError(f"no usable records: all {dropped} records lose every trained token when "
+                        f"truncated to max_seq_len={max_seq_len}", path=path)
+    store = TokenStore.from_records(kept, source=source, names=None)
+    report = {
+        "name": name,
+        "path": None if spec.path is None else str(spec.path),
+        "format": fmt,
+        "format_detected": detected,
+        "fields": dict(fields) or None,
+        "weight": spec.weight,
+        "records_read": n_read,
+        "bad_skipped": bad.count,
+        "bad_examples": bad.examples,
+        "dropped_truncated": dropped,
+        "truncated": truncated,
+        "records": len(store),
+        "tokens": store.num_tokens,
+        "trained_tokens": store.num_trained_tokens,
+    }
+    return store, report
+
+
+# ------------------------------------------------------------------------------------------------
+# Splits and mixtures
+
+
+def _rng(seed: int, *stream: int) -> np.random.Generator:
+    # one independent stream per (purpose, dataset): adding a dataset leaves the others' draws alone
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, *stream])
+
+
+def split_eval(n: int, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(train_idx, eval_idx), both sorted. At least one record is held out when fraction > 0 and
+    n >= 2; at least one stays in train."""
+    if fraction <= 0 or n < 2:
+        return np.arange(n), np.zeros(0, np.int64)
+    n_eval = min(max(1, int(math.floor(fraction * n + 0.5))), n - 1)
+    perm = rng.permutation(n)
+    return np.sort(perm[n_eval:]), np.sort(perm[:n_eval])
+
+
+def mixture_indices(n: int, weight: float, rng: np.random.Generator) -> np.ndarray:
+    """round(weight * n) record indices: whole copies of 0..n-1, then a sample without replacement
+    of the remainder (sorted)."""
+    count = int(math.floor(weight * n + 0.5))
+    if n == 0 or count == 0:
+        return np.zeros(0, np.int64)
+    copies, rest = divmod(count, n)
+    parts = [np.arange(n)] * copies
+    if rest:
+        parts.append(np.sort(rng.choice(n, size=rest, replace=False)))
+    return np.concatenate(parts)
+
+
+def _fractions(values: dict[str, int]) -> dict[str, float]:
+    total = sum(values.values())
+    return {k: (v / total if total else 0.0) for k, v in values.items()}
+
+
+def _unique_names(specs: Sequence[DatasetSpec], taken: set[str]) -> list[str]:
+    out = []
+    for s in specs:
+        base = s.display_name
+        nm, k = base, 2
+        while nm in taken:
+            nm, k = f"{base}#{k}", k + 1
+        taken.add(nm)
+        out.append(nm)
+    return out
+
+
+def _summary(store: TokenStore) -> dict:
+    return {"records": len(store), "tokens": store.num_tokens,
+            "trained_tokens": store.num_trained_tokens}
+
+
+def build_dataset(specs: Sequence[Any], tokenizer: Any, *, max_seq_len: int, train_on: str = "all",
+                  add_bos: Any = "auto", skip_bad_records: bool = False, eval_fraction: float = 0.0,
+                  eval_specs: Sequence[Any] | None = None, seed: int = 0) -> DatasetBundle:
+    """Read, validate, encode, split and mix datasets.
+
+    specs: DatasetSpec, paths, or dicts of DatasetSpec fields. tokenizer: a Tokenizer or anything
+    `load_tokenizer` takes. Records longer than max_seq_len keep their start; those left with no
+    trained token are dropped (counted). eval_fraction: held out from each dataset before mixing
+    (seeded); or eval_specs: separate eval datasets (weights ignored). The train store is
+    shuffled (seeded). See `DatasetBundle.report` for counts and realised mixture proportions."""
+    if isinstance(specs, (str, Path, DatasetSpec, Mapping)):
+        specs = [specs]
+    specs = [DatasetSpec.coerce(s) for s in specs]
+    if not specs:
+        raise ValueError("build_dataset: no datasets given")
+    eval_specs = [DatasetSpec.coerce(s) for s in
+                  ([eval_specs] if isinstance(eval_specs, (str, Path, DatasetSpec, Mapping))
+                   else (eval_specs or []))]
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, (int, np.integer)) or max_seq_len < 2:
+        raise ValueError(f"max_seq_len must be an int >= 2, got {max_seq_len!r}")
+    if train_on not in TRAIN_ON:
+        raise ValueError(f"train_on must be one of {TRAIN_ON}, got {train_on!r}")
+    _check_add_bos(add_bos)
+    if not (isinstance(eval_fraction, (int, float)) and 0.0 <= eval_fraction < 1.0):
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction!r}")
+    if eval_fraction > 0 and eval_specs:
+        raise ValueError("give either eval_fraction or eval_specs, not both")
+    tokenizer = load_tokenizer(tokenizer)
+    kw = dict(max_seq_len=int(max_seq_len), train_on=train_on, add_bos=add_bos,
+              skip_bad_records=skip_bad_records)
+
+    taken: set[str] = set()
+    names = _unique_names(specs, taken)
+    eval_names = _unique_names(eval_specs, taken)
+    if len(names) > np.iinfo(np.int16).max or len(eval_names) > np.iinfo(np.int16).max:
+        raise ValueError("too many datasets (source ids are int16)")
+
+    # read, validate and encode everything first (train and eval files alike)
+    loaded = [load_dataset(s, tokenizer, source=i, name=nm, **kw)
+              for i, (s, nm) in enumerate(zip(specs, names))]
+    loaded_eval = [load_dataset(s, tokenizer, source=i, name=nm, **kw)
+                   for i, (s, nm) in enumerate(zip(eval_specs, eval_names))]
+
+    train_parts, eval_parts, reports = [], [], []
+    for i, ((store, rep), spec) in enumerate(zip(loaded, specs)):
+        store.names = names
+        train_idx, eval_idx = split_eval(len(store), eval_fraction, _rng(seed, 1, i))
+        if len(eval_idx):
+            eval_parts.append(store.select(eval_idx))
+        pool = store.select(train_idx) if len(eval_idx) else store
+        part = pool.select(mixture_indices(len(pool), spec.weight, _rng(seed, 2, i)))
+        train_parts.append(part)
+        rep.update(eval_records=int(len(eval_idx)), train_pool_records=len(pool),
+                   train_records=len(part), train_trained_tokens=part.num_trained_tokens)
+        reports.append(rep)
+
+    train = TokenStore.concat(train_parts)
+    train.names = names
+    if len(train) == 0:
+        raise DataError("no training records after mixing (every weight is 0?)",
+                        path=", ".join(names))
+    train = train.select(_rng(seed, 3).permutation(len(train)))
+
+    eval_store: TokenStore | None = None
+    eval_reports = []
+    if loaded_eval:
+        for store, rep in loaded_eval:
+            store.names = eval_names
+            eval_reports.append(rep)
+        eval_store = TokenStore.concat([s for s, _ in loaded_eval])
+        eval_store.names = eval_names
+    elif eval_parts:
+        eval_store = TokenStore.concat(eval_parts)
+        eval_store.names = names
+
+    report = {
+        "datasets": reports,
+        "eval_datasets": eval_reports,
+        "mixture": {
+            "records": _fractions({r["name"]: r["train_records"] for r in reports}),
+            "trained_tokens": _fractions({r["name"]: r["train_trained_tokens"] for r in reports}),
+        },
+        "train": _summary(train),
+        "eval": None if eval_store is None else _summary(eval_store),
+        "settings": {"max_seq_len": int(max_seq_len), "train_on": train_on, "add_bos": add_bos,
+                     "skip_bad_records": skip_bad_records, "eval_fraction": eval_fraction,
+                     "seed": seed, "tokenizer": getattr(tokenizer, "name", type(tokenizer).__name__)},
+    }
+    return DatasetBundle(train=train, eval=eval_store, report=report)

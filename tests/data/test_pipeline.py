@@ -1,0 +1,245 @@
+"""build_dataset end to end: truncation, mixtures, eval splits, the token store, real data."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastsft.data import (ByteTokenizer, DatasetSpec, TokenStore, build_dataset, load_tokenizer,
+                          mixture_indices)
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+LLAMA2 = SHARED / "tokenizers" / "llama2"
+TOK = ByteTokenizer()
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def qa_records(tag, n):
+    return [{"prompt": f"{tag} question {k}?", "completion": f"{tag} answer {k}"} for k in range(n)]
+
+
+def record_texts(store):
+    return [TOK.decode(ids) for ids, _ in store]
+
+
+# ------------------------------------------------------------------------------------------------
+# TokenStore
+
+
+def make_store():
+    recs = [([1, 2, 3], [-100, 2, 3]), ([4], [-100]), ([5, 6], [5, 6]), ([], [])]
+    return TokenStore.from_records(recs, source=[0, 1, 1, 0], names=["a", "b"])
+
+
+def test_store_basics():
+    s = make_store()
+    assert len(s) == 4
+    assert s.ids.dtype == np.int32 and s.labels.dtype == np.int32
+    assert s.offsets.dtype == np.int64 and s.source.dtype == np.int16
+    assert s.offsets.tolist() == [0, 3, 4, 6, 6]
+    assert s.lengths.tolist() == [3, 1, 2, 0]
+    assert s.num_tokens == 6 and s.num_trained_tokens == 4
+    assert s.trained_per_record().tolist() == [2, 0, 2, 0]
+    ids, labels = s[2]
+    assert ids.tolist() == [5, 6] and labels.tolist() == [5, 6]
+    assert np.shares_memory(ids, s.ids)  # views, not copies
+    assert s[-4][0].tolist() == [1, 2, 3]
+    with pytest.raises(IndexError):
+        s[4]
+
+
+def test_store_select_and_concat():
+    s = make_store()
+    sel = s.select([2, 0, 2])
+    assert [r.tolist() for r, _ in sel] == [[5, 6], [1, 2, 3], [5, 6]]
+    assert sel.source.tolist() == [1, 0, 1] and sel.names == ["a", "b"]
+    assert len(s.select([])) == 0
+    other = TokenStore.from_records([([9], [9])], source=0, names=["b"])
+    cat = TokenStore.concat([s, other])
+    assert len(cat) == 5 and cat[4][0].tolist() == [9]
+    assert cat.names == ["a", "b"] and cat.source.tolist() == [0, 1, 1, 0, 1]  # "b" remapped to 1
+
+
+def test_store_save_load_roundtrip(tmp_path):
+    s = make_store()
+    path = s.save(tmp_path / "cache" / "train.npz")
+    assert path.exists()
+    again = TokenStore.load(path)
+    assert again == s and again.names == ["a", "b"]
+    assert TokenStore.load(s.save(tmp_path / "noext")) == s  # .npz appended
+    with np.load(path, allow_pickle=False) as z:
+        assert set(z.files) >= {"ids", "labels", "offsets", "source"}
+
+
+def test_built_store_roundtrip(tmp_path):
+    p = write_jsonl(tmp_path / "d.jsonl", qa_records("x", 20))
+    b = build_dataset([p], TOK, max_seq_len=64, eval_fraction=0.2)
+    for store in (b.train, b.eval):
+        assert TokenStore.load(store.save(tmp_path / "s.npz")) == store
+
+
+# ------------------------------------------------------------------------------------------------
+# Truncation
+
+
+def test_truncation_keeps_start_and_drops_untrainable(tmp_path):
+    recs = [{"prompt": "p" * 10, "completion": "c" * 10},   # 1 + 10 + 10 + 1 = 22 tokens
+            {"prompt": "p" * 40, "completion": "c" * 5},    # response starts after 41 tokens: dropped
+            {"prompt": "p", "completion": "c"}]             # 4 tokens: untouched
+    p = write_jsonl(tmp_path / "t.jsonl", recs)
+    b = build_dataset([p], TOK, max_seq_len=16)
+    rep = b.report["datasets"][0]
+    assert (rep["records_read"], rep["records"], rep["dropped_truncated"], rep["truncated"]) == (3, 2, 1, 1)
+    lengths = sorted(b.train.lengths.tolist())
+    assert lengths == [4, 16]
+    long = next(r for r in b.train if len(r[0]) == 16)
+    assert TOK.decode(long[0]) == "p" * 10 + "c" * 5  # the start is kept
+    assert (long[1] != -100).sum() == 5  # no EOS: it was cut
+    with pytest.raises(ValueError, match="max_seq_len"):
+        build_dataset([write_jsonl(tmp_path / "u.jsonl", recs[1:2])], TOK, max_seq_len=16)
+
+
+# ------------------------------------------------------------------------------------------------
+# Mixtures
+
+
+def test_mixture_indices():
+    rng = np.random.default_rng(0)
+    assert mixture_indices(10, 1.0, rng).tolist() == list(range(10))
+    half = mixture_indices(10, 0.5, rng)
+    assert len(half) == 5 and len(set(half.tolist())) == 5  # without replacement
+    two = mixture_indices(10, 2.0, rng)
+    assert np.bincount(two, minlength=10).tolist() == [2] * 10  # whole copies
+    x = mixture_indices(10, 2.34, rng)
+    counts = np.bincount(x, minlength=10)
+    assert len(x) == 23 and counts.min() == 2 and counts.max() == 3 and (counts == 3).sum() == 3
+    assert len(mixture_indices(10, 0.0, rng)) == 0
+    assert len(mixture_indices(3, 0.5, rng)) == 2  # round half up: 1.5 -> 2
+
+
+def test_mixture_proportions(tmp_path):
+    specs = [DatasetSpec(write_jsonl(tmp_path / "a.jsonl", qa_records("a", 40)), weight=1.0),
+             DatasetSpec(write_jsonl(tmp_path / "b.jsonl", qa_records("b", 40)), weight=0.5),
+             DatasetSpec(write_jsonl(tmp_path / "c.jsonl", qa_records("c", 40)), weight=2.0)]
+    b = build_dataset(specs, TOK, max_seq_len=64, seed=1)
+    names = [str(s.path) for s in specs]
+    assert len(b.train) == 40 + 20 + 80
+    assert np.bincount(b.train.source).tolist() == [40, 20, 80]
+    texts = record_texts(b.train)
+    assert sum(t.startswith("a ") for t in texts) == 40
+    assert len({t for t in texts if t.startswith("b ")}) == 20  # subsample: distinct records
+    c = [t for t in texts if t.startswith("c ")]
+    assert len(c) == 80 and len(set(c)) == 40  # each record exactly twice
+    mix = b.report["mixture"]
+    assert mix["records"] == pytest.approx(dict(zip(names, [40 / 140, 20 / 140, 80 / 140])))
+    trained = [int(b.train.trained_per_record()[b.train.source == i].sum()) for i in range(3)]
+    assert mix["trained_tokens"] == pytest.approx(dict(zip(names, np.array(trained) / sum(trained))))
+    assert [d["train_records"] for d in b.report["datasets"]] == [40, 20, 80]
+    # shuffled, deterministic per seed
+    assert b.train.source.tolist() != sorted(b.train.source.tolist())
+    again = build_dataset(specs, TOK, max_seq_len=64, seed=1)
+    assert again.train == b.train
+    other = build_dataset(specs, TOK, max_seq_len=64, seed=2)
+    assert other.train != b.train
+
+
+# ------------------------------------------------------------------------------------------------
+# Eval split
+
+
+def test_eval_fraction_is_disjoint_and_per_dataset(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", qa_records("a", 50))
+    c = write_jsonl(tmp_path / "c.jsonl", qa_records("c", 30))
+    b = build_dataset([DatasetSpec(a), DatasetSpec(c, weight=2.0)], TOK, max_seq_len=64,
+                      eval_fraction=0.1, seed=3)
+    train, ev = set(record_texts(b.train)), record_texts(b.eval)
+    assert len(ev) == 5 + 3 and len(set(ev)) == 8
+    assert not train & set(ev)
+    assert len(train) == 45 + 27 and len(b.train) == 45 + 2 * 27
+    assert [d["eval_records"] for d in b.report["datasets"]] == [5, 3]
+    assert b.report["eval"]["records"] == 8
+    # seeded: same split again, different split with another seed
+    assert record_texts(build_dataset([a, c], TOK, max_seq_len=64, eval_fraction=0.1, seed=3).eval) == ev
+    assert record_texts(build_dataset([a, c], TOK, max_seq_len=64, eval_fraction=0.1, seed=4).eval) != ev
+
+
+def test_eval_specs(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", qa_records("a", 10))
+    e = write_jsonl(tmp_path / "e.jsonl", qa_records("e", 4))
+    b = build_dataset([a], TOK, max_seq_len=64, eval_specs=[e])
+    assert len(b.train) == 10 and len(b.eval) == 4
+    assert b.report["eval_datasets"][0]["records"] == 4
+    assert build_dataset([a], TOK, max_seq_len=64).eval is None
+    with pytest.raises(ValueError, match="either"):
+        build_dataset([a], TOK, max_seq_len=64, eval_specs=[e], eval_fraction=0.1)
+
+
+def test_duplicate_names_are_disambiguated(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", qa_records("a", 4))
+    b = build_dataset([a, a], TOK, max_seq_len=64)
+    assert b.train.names == [str(a), f"{a}#2"]
+
+
+def test_report_counts(tmp_path):
+    p = tmp_path / "r.jsonl"
+    p.write_text('{"prompt": "p", "completion": "c"}\nnot json\n{"prompt": "p", "completion": "cc"}\n')
+    rep = build_dataset([p], TOK, max_seq_len=64, skip_bad_records=True).report
+    d = rep["datasets"][0]
+    assert (d["records_read"], d["bad_skipped"], d["records"]) == (3, 1, 2)
+    assert d["trained_tokens"] == 1 + 1 + 2 + 1 and rep["train"]["trained_tokens"] == 5
+    assert "r.jsonl:2: invalid JSON" in d["bad_examples"][0]
+    json.dumps(rep)  # the report is plain JSON
+
+
+# ------------------------------------------------------------------------------------------------
+# Real data with the Llama-2 tokenizer
+
+
+@pytest.fixture(scope="module")
+def llama():
+    if not (LLAMA2 / "tokenizer.json").exists():
+        pytest.skip(f"{LLAMA2} not present")
+    return load_tokenizer(LLAMA2)
+
+
+def test_gsm8k_with_llama2(llama, tmp_path):
+    src = SHARED / "data" / "gsm8k" / "train.jsonl"
+    if not src.exists():
+        pytest.skip(f"{src} not present")
+    with open(src, encoding="utf-8") as f:
+        head = [next(f) for _ in range(200)]
+    p = tmp_path / "gsm8k_head.jsonl"
+    p.write_text("".join(head), encoding="utf-8")
+    b = build_dataset([DatasetSpec(p, fields={"prompt": "question", "completion": "answer"})], llama,
+                      max_seq_len=1024)
+    rep = b.report["datasets"][0]
+    assert (rep["records"], rep["bad_skipped"], rep["dropped_truncated"]) == (200, 0, 0)
+    assert rep["format"] == "prompt_completion"
+    answers = {json.loads(line)["answer"] for line in head}
+    for ids, labels in b.train:
+        assert ids[0] == llama.bos_id and labels[0] == -100
+        trained = ids[labels != -100]
+        assert len(trained) > 0 and trained[-1] == llama.eos_id and ids[-1] == llama.eos_id
+        # the trained tokens are exactly the answer, and it is the last part of the record
+        assert llama.decode(trained) in answers
+        first = int(np.argmax(labels != -100))
+        assert (labels[first:] != -100).all()
+
+
+def test_codealpaca_with_llama2(llama, tmp_path):
+    src = SHARED / "data" / "codealpaca" / "code_alpaca_2k.json"
+    if not src.exists():
+        pytest.skip(f"{src} not present")
+    recs = json.loads(src.read_text(encoding="utf-8"))[:100]
+    p = tmp_path / "ca.json"
+    p.write_text(json.dumps(recs), encoding="utf-8")
+    b = build_dataset([p], llama, max_seq_len=2048, eval_fraction=0.1)
+    assert b.report["datasets"][0]["format"] == "alpaca"
+    assert len(b.train) + len(b.eval) == 100
+    for ids, labels in b.train:
+        assert ids[-1] == llama.eos_id and labels[-1] == llama.eos_id
