@@ -95,7 +95,8 @@ class TrainConfig:
 class EvalConfig:
     every: int = _opt(0, "Evaluate every N optimizer steps (also always before and after training); 0: only then.")
     max_records: int = _opt(512, "Eval records used for loss and perplexity.")
-    exact_match: int = _opt(64, "Eval records whose response is generated greedily and compared exactly; 0 disables.")
+    exact_match: int = _opt(64, "Eval records whose response is generated greedily and compared exactly, before "
+                                "and after training; 0 disables.")
     max_new_tokens: int = _opt(64, "Generation limit for exact-match.")
     batch_size: int = _opt(16, "Sequences per eval forward.")
 

@@ -361,7 +361,7 @@ PRESETS: dict[str, dict] = {
         rope_theta=10000.0,
         max_position_embeddings=512,
         tie_word_embeddings=True,
-        initializer_range=0.02,
+        initializer_range=0.07,  # ~1/sqrt(hidden): a random base whose logits are not stuck near zero
         # Byte-level tokenizer convention: ids 0..255 are bytes, specials follow.
         bos_token_id=257,  # fastsft.data.ByteTokenizer: <pad>=256, <s>=257, </s>=258
         eos_token_id=258,

@@ -1,0 +1,5 @@
+import sys
+
+from fastsft.cli import main
+
+sys.exit(main())

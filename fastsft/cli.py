@@ -1,0 +1,126 @@
+"""The ``fastsft`` command: ``fastsft train`` and ``fastsft export``.
+
+Errors a user can fix (bad config, bad data, missing files) print one line naming the problem and exit
+with status 2; they never end in a stack trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fastsft import config as config_mod
+from fastsft.config import ConfigError
+
+EMBEDDED_DEFAULT = Path(__file__).parent / "recipes" / "tiny.yaml"
+
+# Short flags for the options people set most; each is the same as its dotted key.
+ALIASES = {
+    "--data": ("data.datasets", "Training data file (repeat for several); same as --data.datasets."),
+    "--format": ("data.format", "Record format; same as --data.format."),
+    "--fields": ("data.fields", "Field mapping, e.g. prompt=question,completion=answer; same as --data.fields."),
+    "--model": ("model.path", "Model directory or hub id; same as --model.path."),
+    "--tokenizer": ("model.tokenizer", "Tokenizer directory, hub id or 'byte'; same as --model.tokenizer."),
+    "--output": ("output.dir", "Output directory; same as --output.dir."),
+}
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fastsft train",
+        description="Instruction-tune a model with LoRA (or full fine-tuning). With no arguments, trains a "
+                    "tiny model on the built-in generated dataset, needing nothing from outside.",
+        epilog="Values: booleans true/false; lists comma-separated (q_proj,v_proj) or YAML ([a, b]); "
+               "mappings k=v,k=v or YAML. Example: fastsft train --data train.jsonl --fields "
+               "prompt=question,completion=answer --model.path ./llama --train.max_steps 100",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    p.add_argument("config", nargs="?", help="YAML config file (sections model, lora, data, train, eval, output).")
+    p.add_argument("--resume", nargs="?", const="", metavar="RUN_DIR",
+                   help="Continue from the latest checkpoint of RUN_DIR (default: output.dir), with its saved "
+                        "config plus any overrides given here.")
+    short = p.add_argument_group("shortcuts")
+    for flag, (key, help_text) in ALIASES.items():
+        short.add_argument(flag, dest=key, action="append" if key == "data.datasets" else "store",
+                           metavar="VALUE", help=help_text)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for key, f in config_mod.iter_options():
+        section = key.split(".")[0]
+        if section not in groups:
+            groups[section] = p.add_argument_group(f"{section} options")
+        default = f.default if f.default_factory is config_mod.dataclasses.MISSING else f.default_factory()
+        choices = f.metadata.get("choices")
+        extra = f" One of: {', '.join(choices)}." if choices else ""
+        groups[section].add_argument(f"--{key}", dest=key, metavar="VALUE", default=argparse.SUPPRESS,
+                                     help=f"{f.metadata['help']}{extra} (default: {default!r})")
+    return p
+
+
+def _overrides(ns: argparse.Namespace) -> dict:
+    out = {}
+    for key, value in vars(ns).items():
+        if "." in key and value is not None:
+            out[key] = value
+    return out
+
+
+def train_main(argv: list[str]) -> int:
+    args = _train_parser().parse_args(argv)
+    overrides = _overrides(args)
+    from fastsft.data import DataError
+
+    try:
+        resume = args.resume is not None
+        config_path = args.config
+        if resume:
+            run_dir = Path(args.resume or overrides.get("output.dir") or "")
+            if not args.resume and config_path is None and "output.dir" not in overrides:
+                run_dir = _latest_run(Path("runs"))
+            if config_path is None and (run_dir / "config.yaml").exists():
+                config_path = run_dir / "config.yaml"
+            overrides["output.dir"] = str(run_dir)
+        if config_path is None and not resume and not {"data.datasets", "model.path", "model.config"} & set(overrides):
+            config_path = EMBEDDED_DEFAULT
+            print(f"fastsft train: no config or data given: the embedded default ({EMBEDDED_DEFAULT.name})",
+                  file=sys.stderr)
+        cfg = config_mod.load(config_path, overrides)
+        from fastsft.train.loop import train
+
+        train(cfg, resume=resume)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"fastsft train: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastsft train: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _latest_run(runs: Path) -> Path:
+    dirs = sorted((d for d in runs.glob("*") if (d / "checkpoints").is_dir()), key=lambda d: d.stat().st_mtime)
+    if not dirs:
+        raise ConfigError(f"--resume: no run with checkpoints under {runs}/; pass the run directory")
+    return dirs[-1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    usage = "usage: fastsft {train,export} [options]   (fastsft train --help lists every option)"
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        return train_main(rest)
+    if command == "export":
+        from fastsft.export import export_main
+
+        return export_main(rest)
+    print(f"fastsft: error: unknown command {command!r}\n{usage}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Held-out evaluation: response-token loss and perplexity, and exact match of greedy generations."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import Counter
+
+import numpy as np
+import torch
+
+from fastsft.loss import fused_linear_cross_entropy
+from fastsft.train.batching import IGNORE_INDEX, collate
+
+
+@torch.no_grad()
+def response_loss(model, store, *, pad_id: int, batch_size: int, max_records: int, device,
+                  autocast=contextlib.nullcontext) -> dict:
+    """Mean cross-entropy over the trained (response) tokens of the first ``max_records`` records."""
+    was_training = model.training
+    model.eval()
+    n = min(len(store), max_records)
+    total, count = 0.0, 0
+    for s in range(0, n, batch_size):
+        batch = collate(store, np.arange(s, min(n, s + batch_size)), pad_id)
+        targets = batch["targets"].to(device)
+        with autocast():
+            hidden = model(batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device))
+            loss = fused_linear_cross_entropy(hidden, model.lm_head.weight, targets, reduction="sum")
+        total += float(loss)
+        count += int((targets != IGNORE_INDEX).sum())
+    model.train(was_training)
+    mean = total / max(count, 1)
+    return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": count}
+
+
+def first_response(ids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The prompt before the first trained token, and the first contiguous run of trained tokens."""
+    trained = np.flatnonzero(labels != IGNORE_INDEX)
+    if len(trained) == 0 or trained[0] == 0:
+        return None
+    start = trained[0]
+    gaps = np.flatnonzero(np.diff(trained) != 1)
+    end = trained[gaps[0]] + 1 if len(gaps) else trained[-1] + 1
+    return ids[:start], ids[start:end]
+
+
+def _stop_ids(tokenizer) -> set[int]:
+    """EOS, and the end-of-turn token of the chat template where it is a single token."""
+    stops = set(tokenizer.stop_ids)
+    for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+        tid = tokenizer.token_to_id(tok)
+        if tid is not None:
+            stops.add(tid)
+    return stops
+
+
+def _answer_text(tokenizer, ids, stops: set[int]) -> str:
+    ids = list(ids)
+    for i, t in enumerate(ids):
+        if t in stops:
+            ids = ids[:i]
+            break
+    return tokenizer.decode(ids).strip()
+
+
+@torch.no_grad()
+def greedy_generate(model, prompts: list[np.ndarray], *, pad_id: int, stop_ids: set[int],
+                    max_new_tokens: int, device, autocast=contextlib.nullcontext) -> list[list[int]]:
+    """Greedy continuations of left-padded prompts (no KV cache: eval prompts and answers are short)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
+        mask[row, width - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    out = [[] for _ in prompts]
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    stops = torch.tensor(sorted(stop_ids), device=device)
+    for _ in range(max_new_tokens):
+        with autocast():
+            hidden = model(ids, attention_mask=mask)
+            next_ids = model.logits(hidden[:, -1]).argmax(-1)
+        for row in (~done).nonzero().flatten().tolist():
+            out[row].append(int(next_ids[row]))
+        done |= torch.isin(next_ids, stops)
+        if bool(done.all()):
+            break
+        ids = torch.cat([ids, next_ids[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return out
+
+
+def exact_match(model, tokenizer, store, *, n: int, max_new_tokens: int, batch_size: int, device,
+                autocast=contextlib.nullcontext) -> dict:
+    """Fraction of the first ``n`` held-out records whose first response is generated exactly."""
+    was_training = model.training
+    model.eval()
+    stops = _stop_ids(tokenizer)
+    pairs = [first_response(*store[i]) for i in range(min(n, len(store)))]
+    pairs = [p for p in pairs if p is not None]
+    hits, samples = 0, []
+    for s in range(0, len(pairs), batch_size):
+        chunk = pairs[s : s + batch_size]
+        gens = greedy_generate(model, [p for p, _ in chunk], pad_id=tokenizer.pad_id, stop_ids=stops,
+                               max_new_tokens=max_new_tokens, device=device, autocast=autocast)
+        for (prompt, ref), gen in zip(chunk, gens):
+            want, got = _answer_text(tokenizer, ref, stops), _answer_text(tokenizer, gen, stops)
+            hits += want == got
+            if len(samples) < 3:
+                samples.append({"prompt": tokenizer.decode(list(prompt)), "expected": want, "generated": got})
+    model.train(was_training)
+    return {"exact_match": hits / max(len(pairs), 1), "records": len(pairs), "samples": samples}
+
+
+def majority_baseline(tokenizer, train_store, eval_store, *, n: int, max_train: int = 20000) -> float:
+    """Exact match of always answering the most common training response: the trivial baseline."""
+    stops = _stop_ids(tokenizer)
+
+    def answers(store, limit):
+        out = []
+        for i in range(min(limit, len(store))):
+            pair = first_response(*store[i])
+            if pair is not None:
+                out.append(_answer_text(tokenizer, pair[1], stops))
+        return out
+
+    train_answers = answers(train_store, max_train)
+    eval_answers = answers(eval_store, n)
+    if not train_answers or not eval_answers:
+        return 0.0
+    top = Counter(train_answers).most_common(1)[0][0]
+    return sum(a == top for a in eval_answers) / len(eval_answers)

@@ -1,0 +1,361 @@
+"""The training recipe, top to bottom: runtime -> data -> model -> optimizer -> eval -> loop -> outputs.
+
+One optimizer step = ``grad_accum`` micro-batches. The step's response tokens are counted first and
+every micro-batch's summed loss is divided by that count (``num_items``), so the gradient is that of
+the mean over all response tokens of the step: not a mean of per-batch means, and the same whatever
+the batching.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fastsft import config as config_mod
+from fastsft.config import Config, ConfigError
+from fastsft.data import DatasetSpec, TokenStore, build_dataset, load_tokenizer
+from fastsft.data.builtin import generate as generate_builtin
+from fastsft.loss import fused_linear_cross_entropy
+from fastsft.model import ModelConfig, build_model, load_model, save_pretrained
+from fastsft.model.lora import apply_lora, save_adapter, trainable_parameters
+from fastsft.train import checkpoint as ckpt_mod
+from fastsft.train.batching import collate, count_targets, epoch_batches
+from fastsft.train.evaluate import exact_match, majority_baseline, response_loss
+from fastsft.train.metrics import MetricsLog, peak_memory_bytes, plot_losses
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ----------------------------------------------------------------------------------------------------
+# setup helpers
+
+
+def resolve_run_dir(cfg: Config) -> Path:
+    """Fill in ``{time}`` in the output directory once, so the resolved config names the real place."""
+    if "{time}" in cfg.output.dir:
+        cfg.output.dir = cfg.output.dir.replace("{time}", datetime.now().strftime("%Y%m%d-%H%M%S"))
+    return Path(cfg.output.dir)
+
+
+def _dataset_specs(entries: list, cfg: Config) -> list[DatasetSpec]:
+    specs = []
+    for entry in entries:
+        e = {"path": entry} if isinstance(entry, str) else dict(entry)
+        specs.append(DatasetSpec(path=e["path"], format=e.get("format", cfg.data.format),
+                                 fields=e.get("fields", cfg.data.fields) or None,
+                                 weight=float(e.get("weight", 1.0))))
+    return specs
+
+
+def _general_text_spec(path: str) -> DatasetSpec:
+    """A .txt file is split into paragraphs; JSON/JSONL must hold {text} records."""
+    p = Path(path)
+    if p.suffix == ".txt":
+        paragraphs = [t.strip() for t in p.read_text(errors="replace").split("\n\n") if t.strip()]
+        return DatasetSpec(records=[{"text": t} for t in paragraphs], name=p.name, format="text")
+    return DatasetSpec(path=path, format="text")
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def lr_lambda(step: int, *, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak lr at ``step``: linear warmup from 0, then cosine/linear decay."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+    return min_ratio + (1.0 - min_ratio) * decay
+
+
+def _batch_stream(lengths, cfg: Config, epoch: int, batch_in_epoch: int):
+    """Yield (epoch, index in epoch, record indices) forever from a saved position."""
+    while True:
+        batches = epoch_batches(lengths, cfg.train.micro_batch_size, cfg.train.seed, epoch,
+                                cfg.train.group_by_length)
+        for i in range(batch_in_epoch, len(batches)):
+            yield epoch, i, batches[i]
+        epoch, batch_in_epoch = epoch + 1, 0
+
+
+def _say(msg: str) -> None:
+    tqdm.write(msg)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the recipe
+
+
+def train(cfg: Config, *, resume: bool = False) -> dict:
+    # ---- runtime ------------------------------------------------------------------------------------
+    config_mod.validate(cfg)
+    device = torch.device(cfg.train.device if cfg.train.device != "auto"
+                          else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config key 'train.device' is cuda but no CUDA device is available")
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    autocast = _autocast(device, cfg.train.precision)
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    run_dir = resolve_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resume_from = ckpt_mod.latest_checkpoint(run_dir) if resume else None
+    if resume and resume_from is None:
+        raise ConfigError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
+    config_mod.dump(cfg, run_dir / "config.yaml")
+    started = time.time()
+
+    # ---- tokenizer and data -------------------------------------------------------------------------
+    tokenizer_spec = cfg.model.tokenizer or (cfg.model.path if cfg.model.path else "byte")
+    tokenizer = load_tokenizer(tokenizer_spec)
+    data_dir = run_dir / "data"
+    if resume_from is not None and (data_dir / "train.npz").exists():
+        # the token stores of the interrupted run: same records, same order, no re-tokenising
+        train_store = TokenStore.load(data_dir / "train.npz")
+        eval_store = TokenStore.load(data_dir / "eval.npz") if (data_dir / "eval.npz").exists() else None
+        report = json.loads((data_dir / "report.json").read_text())
+    else:
+        if cfg.data.datasets:
+            specs = _dataset_specs(cfg.data.datasets, cfg)
+        else:
+            specs = [DatasetSpec(records=generate_builtin(cfg.data.builtin_size, seed=cfg.train.seed),
+                                 name="builtin", format="prompt_completion")]
+        eval_specs = _dataset_specs(cfg.data.eval_datasets, cfg) if cfg.data.eval_datasets else None
+        bundle = build_dataset(specs, tokenizer, max_seq_len=cfg.data.max_seq_len, train_on=cfg.data.train_on,
+                               add_bos=cfg.data.add_bos, skip_bad_records=cfg.data.skip_bad_records,
+                               eval_fraction=0.0 if eval_specs else cfg.data.eval_fraction,
+                               eval_specs=eval_specs, seed=cfg.train.seed)
+        train_store, eval_store, report = bundle.train, bundle.eval, bundle.report
+        data_dir.mkdir(exist_ok=True)
+        train_store.save(data_dir / "train.npz")
+        if eval_store is not None:
+            eval_store.save(data_dir / "eval.npz")
+        (data_dir / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    if len(train_store) == 0:
+        raise ConfigError("no training records left after validation and truncation")
+    general_store = None
+    if cfg.data.general_text:
+        general_store = build_dataset([_general_text_spec(cfg.data.general_text)], tokenizer,
+                                      max_seq_len=cfg.data.max_seq_len, add_bos=cfg.data.add_bos).train
+    _say(f"data: {len(train_store)} train records ({train_store.num_trained_tokens} response tokens), "
+         f"{len(eval_store) if eval_store is not None else 0} eval records")
+    for line in _report_lines(report):
+        _say("  " + line)
+
+    # ---- model --------------------------------------------------------------------------------------
+    dtype = DTYPES.get(cfg.model.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if cfg.model.path:
+        model = load_model(cfg.model.path, dtype=dtype, device=device)
+        base_name = cfg.model.path
+    else:
+        cfg_src = cfg.model.config
+        mcfg = ModelConfig.from_json(cfg_src) if cfg_src.endswith(".json") else ModelConfig.from_name(cfg_src)
+        model = build_model(mcfg, dtype=dtype, device=device, seed=cfg.train.seed)
+        base_name = str(run_dir / "base_model")
+        if resume_from is None:
+            save_pretrained(model, base_name)  # a random base must be kept for the adapter to mean anything
+        else:
+            model = load_model(base_name, dtype=dtype, device=device)
+    vocab = model.lm_head.weight.shape[0]
+    max_id = int(train_store.ids.max())
+    if max_id >= vocab:
+        raise ConfigError(f"tokenizer '{tokenizer_spec}' produces token id {max_id} but "
+                          f"the model's vocabulary has {vocab} entries; use the model's own tokenizer")
+    model.gradient_checkpointing = cfg.model.gradient_checkpointing
+    if cfg.lora.enabled:
+        apply_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                   target_modules=cfg.lora.target_modules, use_rslora=cfg.lora.rslora, seed=cfg.train.seed)
+    params = trainable_parameters(model)
+    for p in params:  # optimizer state and updates in float32 even when the frozen base is bf16
+        p.data = p.data.float()
+    n_total = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in params)
+    _say(f"model: {n_total / 1e6:.2f}M parameters, {n_train / 1e6:.3f}M trainable "
+         f"({'LoRA r=%d' % cfg.lora.r if cfg.lora.enabled else 'full fine-tune'}) on {device}")
+    model.train()
+
+    # ---- optimizer and schedule ---------------------------------------------------------------------
+    batches_per_epoch = math.ceil(len(train_store) / cfg.train.micro_batch_size)
+    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * batches_per_epoch / cfg.train.grad_accum))
+    warmup = int(cfg.train.warmup_ratio * total_steps)
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
+                                  eps=cfg.train.adam_eps, weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, total=total_steps, warmup=warmup, schedule=cfg.train.schedule,
+                                       min_ratio=cfg.train.min_lr_ratio))
+
+    # ---- resume -------------------------------------------------------------------------------------
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_steps": 0, "tokens": 0, "response_tokens": 0}
+    if resume_from is not None:
+        state.update(ckpt_mod.load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler))
+        _say(f"resumed from {resume_from} at step {state['step']}")
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=state["step"] if resume_from else None)
+
+    # ---- evaluation ---------------------------------------------------------------------------------
+    pad_id = tokenizer.pad_id
+
+    def evaluate(step: int, generate: bool = True) -> dict:
+        """Held-out loss/perplexity; exact match (greedy generation, slower) when ``generate``."""
+        out = {"kind": "eval", "step": step}
+        if eval_store is not None and len(eval_store):
+            r = response_loss(model, eval_store, pad_id=pad_id, batch_size=cfg.eval.batch_size,
+                              max_records=cfg.eval.max_records, device=device, autocast=autocast)
+            out.update(eval_loss=r["loss"], eval_ppl=r["ppl"])
+            if cfg.eval.exact_match and generate:
+                em = exact_match(model, tokenizer, eval_store, n=cfg.eval.exact_match,
+                                 max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+                                 device=device, autocast=autocast)
+                out.update(exact_match=em["exact_match"], samples=em["samples"])
+        if general_store is not None:
+            g = response_loss(model, general_store, pad_id=pad_id, batch_size=cfg.eval.batch_size,
+                              max_records=cfg.eval.max_records, device=device, autocast=autocast)
+            out.update(general_ppl=g["ppl"])
+            if "eval_ppl" in out:
+                out["ppl_ratio"] = out["eval_ppl"] / g["ppl"]  # instruction PPL / general PPL
+        metrics.write({k: v for k, v in out.items() if k != "samples"})
+        return out
+
+    baseline = None
+    if eval_store is not None and cfg.eval.exact_match:
+        baseline = majority_baseline(tokenizer, train_store, eval_store, n=cfg.eval.exact_match)
+    first_eval = evaluate(state["step"])
+    _say("eval before: " + _eval_line(first_eval, baseline))
+
+    # ---- the loop -----------------------------------------------------------------------------------
+    stream = _batch_stream(train_store.lengths, cfg, state["epoch"], state["batch_in_epoch"])
+    bar = tqdm(total=total_steps, initial=state["step"], disable=not cfg.output.progress, unit="step",
+               dynamic_ncols=True)
+    window = {"t": time.time(), "tokens": 0, "response": 0, "loss": 0.0, "n": 0}
+    last_eval = first_eval
+    while state["step"] < total_steps:
+        micro = []
+        for _ in range(cfg.train.grad_accum):
+            epoch, index, indices = next(stream)
+            micro.append(collate(train_store, indices, pad_id))
+            state["epoch"], state["batch_in_epoch"] = epoch, index + 1
+        num_items = max(1, sum(count_targets(b) for b in micro))  # response tokens of the whole step
+
+        step_loss = 0.0
+        for batch in micro:
+            with autocast():
+                hidden = model(batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device))
+                loss = fused_linear_cross_entropy(hidden, model.lm_head.weight, batch["targets"].to(device),
+                                                  reduction="sum", num_items=num_items)
+            loss.backward()
+            step_loss += float(loss.detach())
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
+        if math.isfinite(step_loss) and torch.isfinite(grad_norm):
+            optimizer.step()
+        else:
+            state["skipped_steps"] += 1
+            _say(f"step {state['step'] + 1}: non-finite loss or gradient norm, update skipped")
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        state["step"] += 1
+        tokens = sum(b["num_tokens"] for b in micro)
+        state["tokens"] += tokens
+        state["response_tokens"] += num_items
+        window["tokens"] += tokens
+        window["response"] += num_items
+        window["loss"] += step_loss
+        window["n"] += 1
+        bar.update(1)
+
+        step = state["step"]
+        if step % cfg.output.log_every == 0 or step == total_steps:
+            elapsed = max(time.time() - window["t"], 1e-9)
+            record = {"kind": "train", "step": step, "epoch": state["epoch"], "loss": window["loss"] / window["n"],
+                      "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                      "tokens_per_s": window["tokens"] / elapsed, "response_tokens_per_s": window["response"] / elapsed,
+                      "peak_memory_bytes": peak_memory_bytes(device), "skipped_steps": state["skipped_steps"]}
+            metrics.write(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            window = {"t": time.time(), "tokens": 0, "response": 0, "loss": 0.0, "n": 0}
+        if cfg.eval.every and step % cfg.eval.every == 0 and step != total_steps:
+            last_eval = evaluate(step, generate=False)
+            _say(f"eval step {step}: " + _eval_line(last_eval, baseline))
+        if cfg.output.checkpoint_every and step % cfg.output.checkpoint_every == 0 and step != total_steps:
+            ckpt_mod.save_checkpoint(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                                     trainer_state=state, keep=cfg.output.keep_checkpoints)
+    bar.close()
+
+    # ---- outputs ------------------------------------------------------------------------------------
+    final_eval = evaluate(state["step"])
+    _say("eval after:  " + _eval_line(final_eval, baseline))
+    ckpt_mod.save_checkpoint(run_dir, state["step"], model=model, optimizer=optimizer, scheduler=scheduler,
+                             trainer_state=state, keep=cfg.output.keep_checkpoints)
+    if cfg.lora.enabled:
+        out_dir = run_dir / "adapter"
+        save_adapter(model, out_dir, base_model_name_or_path=base_name,
+                     lora_config={"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
+                                  "target_modules": cfg.lora.target_modules, "use_rslora": cfg.lora.rslora})
+    else:
+        out_dir = run_dir / "model"
+        save_pretrained(model, out_dir)
+    tokenizer.save(out_dir)
+    records = metrics.read()
+    if cfg.output.plot:
+        plot_losses(records, run_dir / "loss.png")
+    summary = {
+        "steps": state["step"], "skipped_steps": state["skipped_steps"], "tokens": state["tokens"],
+        "response_tokens": state["response_tokens"], "seconds": time.time() - started,
+        "eval_before": {k: v for k, v in first_eval.items() if k not in ("kind", "samples")},
+        "eval_after": {k: v for k, v in final_eval.items() if k not in ("kind", "samples")},
+        "exact_match_baseline": baseline, "samples": final_eval.get("samples", []),
+        "peak_memory_bytes": peak_memory_bytes(device), "output": str(out_dir), "data": report,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    _say(f"done: {state['step']} steps in {summary['seconds']:.0f}s; adapter/model in {out_dir}")
+    return summary
+
+
+def _eval_line(ev: dict, baseline: float | None) -> str:
+    parts = []
+    if "eval_loss" in ev:
+        parts.append(f"held-out response loss {ev['eval_loss']:.4f} (ppl {ev['eval_ppl']:.2f})")
+    if "exact_match" in ev:
+        parts.append(f"exact match {ev['exact_match']:.1%}"
+                     + (f" (majority-answer baseline {baseline:.1%})" if baseline is not None else ""))
+    if "general_ppl" in ev:
+        parts.append(f"general-text ppl {ev['general_ppl']:.2f}")
+    if "ppl_ratio" in ev:
+        parts.append(f"ppl ratio {ev['ppl_ratio']:.3f}")
+    return "; ".join(parts) or "no eval data"
+
+
+def _report_lines(report: dict) -> list[str]:
+    lines = []
+    for d in report.get("datasets") or []:
+        line = (f"{d['name']}: {d['format']} format, {d['records_read']} records read, "
+                f"{d['train_records']} train / {d['eval_records']} eval")
+        if d.get("bad_skipped"):
+            line += f", {d['bad_skipped']} bad records skipped"
+        if d.get("dropped_truncated"):
+            line += f", {d['dropped_truncated']} dropped (response cut by max_seq_len)"
+        lines.append(line)
+    mix = report.get("mixture") or {}
+    if len(mix.get("records", {})) > 1:
+        shares = ", ".join(f"{k} {v:.1%}" for k, v in mix["records"].items())
+        tok_shares = ", ".join(f"{k} {v:.1%}" for k, v in mix["trained_tokens"].items())
+        lines.append(f"mixture (records): {shares}; (response tokens): {tok_shares}")
+    return lines
