@@ -87,7 +87,7 @@ class TrainConfig:
     group_by_length: bool = _opt(True, "Batch sequences of similar length together (less padding).")
     seed: int = _opt(0, "Seed for model init, LoRA init, data order and dropout.")
     device: str = _opt("auto", "auto = cuda when available, else cpu.", ("auto", "cpu", "cuda"))
-    precision: str = _opt("auto", "Autocast precision; auto = bf16 on CUDA, fp32 on CPU.", ("auto", "bf16", "fp16", "fp32"))
+    precision: str = _opt("auto", "Autocast precision; auto = bf16 on CUDA, fp32 on CPU.", ("auto", "bf16", "fp32"))
     threads: int = _opt(0, "CPU threads for torch; 0 leaves torch's default.")
 
 

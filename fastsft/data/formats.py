@@ -210,9 +210,9 @@ def _mapping_hint(keys: list[str]) -> str:
         rest = [k for k in keys if k not in (p, a)]
         p = p or (rest.pop(0) if rest else "my_prompt_field")
         a = a or (rest.pop(0) if rest else "my_answer_field")
-    return (f"pass format=... (one of {', '.join(FORMATS)}) and/or a field mapping "
-            f"canonical -> source, e.g. format='prompt_completion', "
-            f"fields={{'prompt': {p!r}, 'completion': {a!r}}}")
+    return (f"map the fields onto a format, e.g. --fields instruction={p},output={a} (the Alpaca "
+            f"template) or --format prompt_completion --fields prompt={p},completion={a} "
+            f"(YAML: data.fields / data.format; formats: {', '.join(FORMATS)})")
 
 
 def detect_file_format(raws: list[RawRecord], fields: Mapping[str, str], path: str) -> str:

@@ -71,8 +71,7 @@ def _autocast(device: torch.device, precision: str):
         precision = "bf16" if device.type == "cuda" else "fp32"
     if precision == "fp32":
         return contextlib.nullcontext
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return lambda: torch.autocast(device.type, dtype=dtype)
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def lr_lambda(step: int, *, total: int, warmup: int, schedule: str, min_ratio: float) -> float:

@@ -152,7 +152,7 @@ def test_undetectable_format_is_an_error_even_when_skipping(tmp_path):
     with pytest.raises(DataError) as e:
         build([p], skip_bad_records=True)
     msg = str(e.value)
-    assert msg.startswith(str(p)) and "['q', 'a']" in msg and "fields=" in msg
+    assert msg.startswith(str(p)) and "['q', 'a']" in msg and "--fields instruction=q,output=a" in msg
 
 
 def test_all_bad_is_an_error_even_when_skipping(tmp_path):

@@ -93,8 +93,7 @@ def test_gsm8k_like_field_mapping(tmp_path):
         build(p)
     msg = str(e.value)
     assert "gsm.jsonl" in msg and "'question'" in msg and "'answer'" in msg
-    assert "fields=" in msg and "format=" in msg  # says how to fix it
-    assert "{'prompt': 'question', 'completion': 'answer'}" in msg
+    assert "--fields instruction=question,output=answer" in msg and "--format prompt_completion" in msg  # says how to fix it
 
     pc = build(DatasetSpec(p, fields={"prompt": "question", "completion": "answer"}))
     assert pc.report["datasets"][0]["format"] == "prompt_completion"

@@ -1,0 +1,138 @@
+"""The training recipe end to end on CPU: outputs, resume, full fine-tune, schedules, eval extras."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastsft import config as cfgmod
+from fastsft.train import checkpoint as ckpt_mod
+from fastsft.train.loop import lr_lambda, train
+
+
+def tiny_cfg(tmp_path, **overrides):
+    base = {
+        "model.config": "nano", "model.tokenizer": "byte", "data.builtin_size": 240, "data.max_seq_len": 48,
+        "train.micro_batch_size": 8, "train.max_steps": 8, "train.lr": 3e-3, "eval.exact_match": 8,
+        "eval.max_new_tokens": 12, "eval.max_records": 32, "output.progress": False, "output.log_every": 2,
+        "output.dir": str(tmp_path / "run"),
+    }
+    base.update(overrides)
+    return cfgmod.load(None, base)
+
+
+def test_outputs_and_metrics(tmp_path):
+    cfg = tiny_cfg(tmp_path, **{"eval.every": 4, "output.checkpoint_every": 3, "output.keep_checkpoints": 2})
+    summary = train(cfg)
+    run = tmp_path / "run"
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "loss.png", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors", "base_model/config.json", "data/train.npz"):
+        assert (run / name).exists(), name
+    assert cfgmod.load(run / "config.yaml") == cfg  # the resolved config reloads to the same run
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_recs = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train_recs] == [2, 4, 6, 8]
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "response_tokens_per_s", "peak_memory_bytes"):
+        assert all(math.isfinite(r[key]) for r in train_recs), key
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 4, 8]
+    assert all("eval_loss" in r and "eval_ppl" in r for r in evals)
+    assert "exact_match" in evals[0] and "exact_match" in evals[-1]
+    assert summary["eval_after"]["eval_loss"] < summary["eval_before"]["eval_loss"]
+    # keep_checkpoints=2: step-3 deleted, step-6 and the final step-8 kept; no temporary directories
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-6", "step-8"]
+
+
+def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch):
+    overrides = {"train.grad_accum": 2, "lora.dropout": 0.1, "output.checkpoint_every": 3, "train.max_steps": 7,
+                 "eval.exact_match": 0}
+    straight = tiny_cfg(tmp_path / "a", **overrides)
+    train(straight)
+
+    real_save = ckpt_mod.save_checkpoint
+
+    def save_then_crash(run_dir, step, **kw):
+        real_save(run_dir, step, **kw)
+        if step == 3:
+            raise RuntimeError("simulated crash after the step-3 checkpoint")
+
+    monkeypatch.setattr(ckpt_mod, "save_checkpoint", save_then_crash)
+    crashed = tiny_cfg(tmp_path / "b", **overrides)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(crashed)
+    monkeypatch.setattr(ckpt_mod, "save_checkpoint", real_save)
+    resumed = cfgmod.load(tmp_path / "b" / "run" / "config.yaml")
+    summary = train(resumed, resume=True)
+    assert summary["steps"] == 7
+
+    a = load_file(str(tmp_path / "a" / "run" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "run" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [json.loads(l)["step"] for l in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(l)["kind"] == "train"]
+    assert steps == sorted(set(steps))  # no duplicated steps in the log after resuming
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path):
+    with pytest.raises(cfgmod.ConfigError, match="no complete checkpoint"):
+        train(tiny_cfg(tmp_path), resume=True)
+
+
+def test_half_written_checkpoint_is_ignored(tmp_path):
+    cfg = tiny_cfg(tmp_path, **{"train.max_steps": 2, "eval.exact_match": 0})
+    train(cfg)
+    root = tmp_path / "run" / "checkpoints"
+    (root / ".tmp-step-9-123").mkdir()
+    (root / "step-10").mkdir()  # no trainer_state.json: incomplete
+    assert ckpt_mod.latest_checkpoint(tmp_path / "run").name == "step-2"
+
+
+def test_full_fine_tune_saves_a_transformers_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_cfg(tmp_path, **{"lora.enabled": False, "train.max_steps": 2, "eval.exact_match": 0})
+    train(cfg)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    assert model.config.vocab_size == 272
+
+
+def test_general_text_perplexity_and_ratio(tmp_path):
+    text = tmp_path / "general.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog.\n\nPack my box with five dozen liquor jugs.\n")
+    cfg = tiny_cfg(tmp_path, **{"data.general_text": str(text), "train.max_steps": 2, "eval.exact_match": 0})
+    summary = train(cfg)
+    after = summary["eval_after"]
+    assert after["general_ppl"] > 1.0
+    assert after["ppl_ratio"] == pytest.approx(after["eval_ppl"] / after["general_ppl"])
+
+
+def test_vocab_mismatch_is_a_clear_error(tmp_path):
+    cfg_json = tmp_path / "small_vocab.json"
+    cfg_json.write_text(json.dumps({"model_type": "llama", "vocab_size": 100, "hidden_size": 32,
+                                    "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}))
+    with pytest.raises(cfgmod.ConfigError, match="vocabulary has 100 entries"):
+        train(tiny_cfg(tmp_path, **{"model.config": str(cfg_json)}))
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_schedule_warms_up_then_decays(schedule):
+    f = [lr_lambda(s, total=100, warmup=10, schedule=schedule, min_ratio=0.1) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(f[:10], f[1:10]))
+    if schedule == "constant":
+        assert f[-1] == 1.0
+    else:
+        assert all(a >= b for a, b in zip(f[10:], f[11:])) and f[-1] == pytest.approx(0.1, abs=0.02)
+
+
+def test_same_seed_same_adapter(tmp_path):
+    overrides = {"lora.dropout": 0.1, "train.max_steps": 3, "eval.exact_match": 0}
+    train(tiny_cfg(tmp_path / "a", **overrides))
+    train(tiny_cfg(tmp_path / "b", **overrides))
+    a = load_file(str(tmp_path / "a" / "run" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "run" / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
