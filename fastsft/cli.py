@@ -1,12 +1,13 @@
 """The ``fastsft`` command: ``fastsft train`` and ``fastsft export``.
 
 Errors a user can fix (bad config, bad data, missing files) print one line naming the problem and exit
-with status 2; they never end in a stack trace.
+with status 2; they never end in a stack trace (set FASTSFT_DEBUG=1 to see one).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -69,8 +70,6 @@ def _overrides(ns: argparse.Namespace) -> dict:
 def train_main(argv: list[str]) -> int:
     args = _train_parser().parse_args(argv)
     overrides = _overrides(args)
-    from fastsft.data import DataError
-
     try:
         resume = args.resume is not None
         config_path = args.config
@@ -89,13 +88,20 @@ def train_main(argv: list[str]) -> int:
         from fastsft.train.loop import train
 
         train(cfg, resume=resume)
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        print(f"fastsft train: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # ConfigError, DataError and model-loading errors are ValueErrors
+        if os.environ.get("FASTSFT_DEBUG"):
+            raise
+        print(f"fastsft train: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fastsft train: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
+    return " ".join(text.split()) or type(e).__name__
 
 
 def _latest_run(runs: Path) -> Path:

@@ -162,19 +162,21 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         _say("  " + line)
 
     # ---- model --------------------------------------------------------------------------------------
-    dtype = DTYPES.get(cfg.model.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    bf16 = device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
+    dtype = DTYPES.get(cfg.model.dtype) or (torch.bfloat16 if bf16 else torch.float32)
     if cfg.model.path:
         model = load_model(cfg.model.path, dtype=dtype, device=device)
         base_name = cfg.model.path
     else:
-        cfg_src = cfg.model.config
-        mcfg = ModelConfig.from_json(cfg_src) if cfg_src.endswith(".json") else ModelConfig.from_name(cfg_src)
-        model = build_model(mcfg, dtype=dtype, device=device, seed=cfg.train.seed)
+        # a random base is saved beside the run: the adapter means nothing without it
         base_name = str(run_dir / "base_model")
-        if resume_from is None:
-            save_pretrained(model, base_name)  # a random base must be kept for the adapter to mean anything
-        else:
+        if resume_from is not None:
             model = load_model(base_name, dtype=dtype, device=device)
+        else:
+            src = cfg.model.config
+            mcfg = ModelConfig.from_json(src) if Path(src).exists() else ModelConfig.from_name(src)
+            model = build_model(mcfg, dtype=dtype, device=device, seed=cfg.train.seed)
+            save_pretrained(model, base_name)
     vocab = model.lm_head.weight.shape[0]
     max_id = int(train_store.ids.max())
     if max_id >= vocab:
