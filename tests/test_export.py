@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from helpers import save_tiny_hf_llama
 from torch import nn
 
 from fastsft.export import export_main, export_merged, merge_lora
@@ -21,20 +22,8 @@ VOCAB = 80
 
 
 def _tiny_hf_dir(tmp_path, *, tie=False, seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-    )
-    path = tmp_path / "base"
-    transformers.LlamaForCausalLM(cfg).to(torch.float32).save_pretrained(path)
-    return path
+    """A tiny random transformers LlamaForCausalLM saved under tmp_path/base."""
+    return save_tiny_hf_llama(tmp_path / "base", vocab_size=VOCAB, tie=tie, seed=seed)
 
 
 def _fastsft_model(path):

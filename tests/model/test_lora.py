@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import save_tiny_hf_llama
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -40,23 +41,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:Fu
 
 
 def _tiny_hf_dir(tmp_path, *, seed=0, tie=False):
-    """A tiny random transformers LlamaForCausalLM saved (float32 safetensors) under tmp_path/base."""
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-        rms_norm_eps=1e-6,
-    )
-    model = transformers.LlamaForCausalLM(cfg).to(torch.float32)
-    path = tmp_path / "base"
-    model.save_pretrained(path)
-    return path
+    """A tiny random transformers LlamaForCausalLM saved under tmp_path/base."""
+    return save_tiny_hf_llama(tmp_path / "base", vocab_size=VOCAB, tie=tie, seed=seed)
 
 
 def _hf_model(path):
