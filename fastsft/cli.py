@@ -46,6 +46,8 @@ def _train_parser() -> argparse.ArgumentParser:
     for flag, (key, help_text) in ALIASES.items():
         short.add_argument(flag, dest=key, action="append" if key == "data.datasets" else "store",
                            metavar="VALUE", help=help_text)
+    short.add_argument("--skip-bad-records", dest="data.skip_bad_records", action="store_const", const=True,
+                       help="Skip malformed records (counted and reported); same as --data.skip_bad_records true.")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for key, f in config_mod.iter_options():
         section = key.split(".")[0]

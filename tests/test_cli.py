@@ -54,7 +54,7 @@ def test_malformed_record_names_file_line_and_reason(tmp_path):
     data.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": \n')
     proc = fastsft("train", "--data", data, *FAST, "--output", tmp_path / "run")
     assert_one_line_error(proc, "bad.jsonl:2")
-    proc = fastsft("train", "--data", data, *FAST, "--data.skip_bad_records", "true", "--output", tmp_path / "r2")
+    proc = fastsft("train", "--data", data, *FAST, "--skip-bad-records", "--output", tmp_path / "r2")
     assert proc.returncode == 0, proc.stderr
     assert "1 bad records skipped" in proc.stdout + proc.stderr
 

@@ -64,8 +64,12 @@ def _optimizer_from_files(tensors: dict, meta: dict) -> dict:
 
 
 def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, optimizer, scheduler,
-                    trainer_state: dict, keep: int) -> Path:
-    """Write ``run_dir/checkpoints/step-{step}`` atomically and keep the newest ``keep`` checkpoints."""
+                    trainer_state: dict, keep: int, write_extra=None) -> Path:
+    """Write ``run_dir/checkpoints/step-{step}`` atomically and keep the newest ``keep`` checkpoints.
+
+    ``write_extra(directory)`` may add files (the loop writes the PEFT adapter, so every checkpoint is
+    also a usable adapter); it runs inside the temporary directory, before the rename.
+    """
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
@@ -84,6 +88,8 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, optimiz
     if torch.cuda.is_available():
         rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     _save_tensors(rng, tmp / "rng.safetensors")
+    if write_extra is not None:
+        write_extra(tmp)
     _write_json(tmp / STATE_FILE, {**trainer_state, "step": step})
     _fsync_dir(tmp)
 

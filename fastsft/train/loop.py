@@ -212,6 +212,21 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         _say(f"resumed from {resume_from} at step {state['step']}")
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=state["step"] if resume_from else None)
 
+    def save_weights(out_dir: Path) -> None:
+        """The PEFT adapter (LoRA) or the whole model (full fine-tune), with the tokenizer."""
+        if cfg.lora.enabled:
+            save_adapter(model, out_dir, base_model_name_or_path=base_name,
+                         lora_config={"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
+                                      "target_modules": cfg.lora.target_modules, "use_rslora": cfg.lora.rslora})
+        else:
+            save_pretrained(model, out_dir)
+        tokenizer.save(out_dir)
+
+    def checkpoint(step: int) -> None:
+        extra = (lambda d: save_weights(d / "adapter")) if cfg.lora.enabled else None
+        ckpt_mod.save_checkpoint(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                                 trainer_state=state, keep=cfg.output.keep_checkpoints, write_extra=extra)
+
     # ---- evaluation ---------------------------------------------------------------------------------
     pad_id = tokenizer.pad_id
 
@@ -296,24 +311,15 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             last_eval = evaluate(step, generate=False)
             _say(f"eval step {step}: " + _eval_line(last_eval, baseline))
         if cfg.output.checkpoint_every and step % cfg.output.checkpoint_every == 0 and step != total_steps:
-            ckpt_mod.save_checkpoint(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                                     trainer_state=state, keep=cfg.output.keep_checkpoints)
+            checkpoint(step)
     bar.close()
 
     # ---- outputs ------------------------------------------------------------------------------------
     final_eval = evaluate(state["step"])
     _say("eval after:  " + _eval_line(final_eval, baseline))
-    ckpt_mod.save_checkpoint(run_dir, state["step"], model=model, optimizer=optimizer, scheduler=scheduler,
-                             trainer_state=state, keep=cfg.output.keep_checkpoints)
-    if cfg.lora.enabled:
-        out_dir = run_dir / "adapter"
-        save_adapter(model, out_dir, base_model_name_or_path=base_name,
-                     lora_config={"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
-                                  "target_modules": cfg.lora.target_modules, "use_rslora": cfg.lora.rslora})
-    else:
-        out_dir = run_dir / "model"
-        save_pretrained(model, out_dir)
-    tokenizer.save(out_dir)
+    checkpoint(state["step"])
+    out_dir = run_dir / ("adapter" if cfg.lora.enabled else "model")
+    save_weights(out_dir)
     records = metrics.read()
     if cfg.output.plot:
         plot_losses(records, run_dir / "loss.png")

@@ -43,6 +43,7 @@ def test_outputs_and_metrics(tmp_path):
     assert summary["eval_after"]["eval_loss"] < summary["eval_before"]["eval_loss"]
     # keep_checkpoints=2: step-3 deleted, step-6 and the final step-8 kept; no temporary directories
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-6", "step-8"]
+    assert (run / "checkpoints" / "step-6" / "adapter" / "adapter_model.safetensors").exists()
 
 
 def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch):
