@@ -46,11 +46,10 @@ def collate(store, indices: np.ndarray, pad_id: int, pad_to_multiple: int = 8) -
         n = len(ids)
         input_ids[row, :n] = ids
         targets[row, : n - 1] = labels[1:]
-    position_ids = np.broadcast_to(np.arange(width), input_ids.shape)
     return {
         "input_ids": torch.from_numpy(input_ids),
         "targets": torch.from_numpy(targets),
-        "position_ids": torch.from_numpy(np.ascontiguousarray(position_ids)),
+        "position_ids": torch.arange(width).repeat(len(indices), 1),
         "num_tokens": int(lengths.sum()),
     }
 

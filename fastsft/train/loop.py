@@ -356,7 +356,8 @@ def _report_lines(report: dict) -> list[str]:
         line = (f"{d['name']}: {d['format']} format, {d['records_read']} records read, "
                 f"{d['train_records']} train / {d['eval_records']} eval")
         if d.get("bad_skipped"):
-            line += f", {d['bad_skipped']} bad records skipped"
+            first = d["bad_examples"][0] if d.get("bad_examples") else ""
+            line += f", {d['bad_skipped']} bad records skipped (first: {first})"
         if d.get("dropped_truncated"):
             line += f", {d['dropped_truncated']} dropped (response cut by max_seq_len)"
         lines.append(line)
