@@ -13,12 +13,48 @@ bounded by ``CHUNK_BYTES``, whatever the vocabulary.
 
 Rows whose label is ``ignore_index`` are compacted away before any matmul, so prompt tokens cost
 nothing; a frozen head (LoRA) skips all weight-gradient work.
+
+Dispatch: after shifting and compaction, :func:`fused_linear_cross_entropy` runs either this reference
+or the Triton kernel (``fastsft.kernels.fused_linear_cross_entropy``: gradients computed in the forward,
+6NVD matmul FLOPs instead of 8NVD). ``kernels="auto"`` (the default) picks the kernel for CUDA tensors
+when Triton is importable, ``"on"``/``"off"`` force one; :func:`use_implementation` overrides both for
+tests and benchmarks. The kernel runs on CPU tensors only under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
+
+from fastsft.kernels import triton_available
+
+# Set by use_implementation(): "kernel" or "reference" forces that path for every call; None follows
+# each call's ``kernels`` argument.
+_impl_override: str | None = None
+_IMPLEMENTATIONS = ("kernel", "reference")
+
+
+@contextlib.contextmanager
+def use_implementation(name: str | None):
+    """Force ``"kernel"`` or ``"reference"`` (or ``None``: per-call choice) inside a ``with`` block."""
+    global _impl_override
+    if name is not None and name not in _IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {_IMPLEMENTATIONS} or None, got {name!r}")
+    previous, _impl_override = _impl_override, name
+    try:
+        yield
+    finally:
+        _impl_override = previous
+
+
+def _use_kernel(hidden: torch.Tensor, kernels: str) -> bool:
+    if _impl_override is not None:
+        return _impl_override == "kernel"
+    if kernels == "auto":
+        return hidden.is_cuda and triton_available()
+    return kernels == "on"
 
 # One chunk of float32 logits (rows x V) plus its softmax stays under this many bytes: 256 MiB keeps
 # the reference usable at V=152k (~440 rows a chunk) without the chunk loop dominating small V.
@@ -116,6 +152,7 @@ def fused_linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     return_z_loss: bool = False,
+    kernels: str = "auto",
 ):
     """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels`` without materialising logits.
 
@@ -126,7 +163,10 @@ def fused_linear_cross_entropy(
     divided by this external count (e.g. the response tokens of a whole gradient-accumulation step), so
     micro-batches add up to the loss of the step. ``z_loss``: adds ``z_loss * lse^2`` per row; with
     ``return_z_loss`` the function returns ``(loss, z_loss_term)`` with the term reduced the same way.
+    ``kernels``: ``"auto"`` (Triton on CUDA when available), ``"on"`` or ``"off"``; see the module docstring.
     """
+    if kernels not in ("auto", "on", "off"):
+        raise ValueError(f"kernels must be 'auto', 'on' or 'off', got {kernels!r}")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if num_items is not None and reduction == "none":
@@ -140,9 +180,17 @@ def fused_linear_cross_entropy(
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1)
     keep = (y != ignore_index).nonzero().squeeze(1)  # compaction: ignored rows never reach a matmul
+    h_kept, y_kept = h.index_select(0, keep), y.index_select(0, keep)
+    if _use_kernel(hidden, kernels):
+        loss, z_term = _kernel_loss(h_kept, weight, bias, y_kept, reduction, num_items, ignore_index,
+                                    float(label_smoothing), float(z_loss), softcap)
+        if reduction == "none":
+            full = loss.new_zeros(y.shape[0])
+            loss = full.index_copy(0, keep, loss).reshape(out_shape)
+            z_term = full.index_copy(0, keep, z_term).reshape(out_shape)
+        return (loss, z_term) if return_z_loss else loss
     losses_kept, lse_kept = _LinearCrossEntropy.apply(
-        h.index_select(0, keep), weight, bias, y.index_select(0, keep), float(label_smoothing),
-        float(z_loss), softcap,
+        h_kept, weight, bias, y_kept, float(label_smoothing), float(z_loss), softcap,
     )
     z_kept = z_loss * lse_kept.detach() ** 2
 
@@ -163,14 +211,36 @@ def fused_linear_cross_entropy(
     return loss
 
 
+def _kernel_loss(h, weight, bias, targets, reduction, num_items, ignore_index, label_smoothing, z_loss,
+                 softcap):
+    """(loss, z-loss term) from the Triton path: reduced, or per kept row for reduction="none"."""
+    from fastsft.kernels import fused_linear_cross_entropy as flce  # triton imports only when used
+
+    opts = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+    if num_items is not None:
+        scale = 1.0 / num_items
+    elif reduction == "mean":
+        scale = 1.0 / max(h.shape[0], 1)
+    else:
+        scale = None if reduction == "none" else 1.0
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (h, weight, bias)):
+        # eval: the kernel without its gradient pass, no autograd Function
+        losses, _, z_terms, *_ = flce.fused_linear_cross_entropy_forward(
+            h, weight, bias, targets, need=(False, False, False), **opts)
+        if scale is None:
+            return losses, z_terms
+        return losses.sum() * scale, z_terms.sum() * scale
+    return flce.FusedLinearCrossEntropyFunction.apply(h, weight, bias, targets, scale, opts)
+
+
 class FusedLinearCrossEntropyLoss(nn.Module):
     """Module form of :func:`fused_linear_cross_entropy`; call as ``loss(hidden, weight, labels, bias)``."""
 
     def __init__(self, *, ignore_index=-100, reduction="mean", shift=False, label_smoothing=0.0,
-                 z_loss=0.0, softcap=None):
+                 z_loss=0.0, softcap=None, kernels="auto"):
         super().__init__()
         self.opts = dict(ignore_index=ignore_index, reduction=reduction, shift=shift,
-                         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+                         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, kernels=kernels)
 
     def forward(self, hidden, weight, labels, bias=None, num_items=None):
         return fused_linear_cross_entropy(hidden, weight, labels, bias, num_items=num_items, **self.opts)

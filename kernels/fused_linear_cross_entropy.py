@@ -1,0 +1,408 @@
+"""Fused linear cross-entropy on the GPU: chunked logits with the gradient computed in the forward.
+
+    z_i    = softcap(h_i W^T + b)                                  softcap(x) = t * tanh(x / t), optional
+    lse_i  = log sum_j exp(z_ij)
+    loss_i = (1 - eps) (lse_i - z_i[y_i]) + eps (lse_i - mean_j z_ij) + s lse_i^2
+    dloss_i / dz_ij = (1 + 2 s lse_i) softmax(z_i)_j - (1 - eps) [j == y_i] - eps / V
+                      (times 1 - tanh^2(x_ij / t) to go through the soft cap)
+
+with eps the label smoothing and s the z-loss weight. Rows are the kept (non-ignored) rows only:
+``fastsft.loss`` compacts the others away before anything here runs.
+
+Algorithm. For each chunk of C rows: ``z = h_c W^T (+ b)`` with a cuBLAS matmul in the input dtype
+(fp32 accumulation inside), then one Triton program per row walks V in BLOCK_V tiles twice: pass 1 is
+an online max / sum-exp in float32 (-> lse, loss, z-loss term), pass 2 overwrites ``z`` in place with
+``dloss/dz``. Two more matmuls turn that into ``grad_h_c = dz W`` and ``grad_W += dz^T h_c``
+(``grad_b += sum_rows dz``). The gradients are kept until autograd asks for them; the backward only
+multiplies them by ``scale * grad_output`` (scale = 1/n_kept, 1 or 1/num_items).
+
+Budget (N kept rows, vocabulary V, hidden D, s bytes per element of the input dtype):
+
+    matmul FLOPs      6 N V D with a trainable head (logits, grad_h, grad_W), 4 N V D frozen: the floor.
+                      A blockwise-recompute scheme (the reference in ``fastsft.loss``) does 8 N V D.
+    logits traffic    the matmul writes C V, the row kernel reads C V twice and writes C V, the two
+                      gradient matmuls read C V: about 6 N V s bytes in all. N=16k, V=152k, D=2048,
+                      bf16: 30 GB (~9 ms at 3.3 TB/s) against 3.1e13 FLOPs (~45 ms at ~700 TFLOP/s),
+                      so the target is >= ~80 % of the matmul floor.
+    extra memory      one chunk of logits, C V s <= CHUNK_BYTES (256 MiB); a float32 grad_W
+                      accumulator of V D 4 bytes during the forward when the weight is 16-bit
+                      (V=152k, D=2048: 1.2 GiB; ``accumulate_in_fp32=False`` drops it and accumulates
+                      in the weight dtype); and the finished gradients, grad_h (N D s) and grad_W
+                      (V D s), held from the forward to the backward: they exist at the activation
+                      peak, the price of not recomputing the logits. A frozen head holds only grad_h.
+
+The stored gradients are those of the *sum* of the row losses; the reduction scale is applied in the
+backward together with grad_output (in float32). Applying 1/N inside the kernel instead would round
+p_j / N to fp16 before a GradScaler could lift it, and flush most of the vocabulary to zero.
+
+``reduction="none"`` cannot know its per-row weights in the forward: the forward runs the kernel
+without gradients (COMPUTE_GRAD=False) and saves lse; the backward recomputes each chunk's logits and
+runs the same kernel with the incoming grad_output rows as per-row scales (4 N V D + 2 N V D).
+
+Reference: the plain PyTorch implementation with the same signature is
+``fastsft.loss.fused_linear_cross_entropy`` (forced with ``fastsft.loss.use_implementation``); it is
+the CPU path and the oracle in ``tests/kernels/test_fused_linear_cross_entropy.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# One chunk of logits (C rows x V, input dtype) stays under this many bytes. 256 MiB gives C ~ 880
+# rows at V=152k in bf16: enough rows that the logits and grad_h GEMMs run at full cuBLAS speed, and the
+# grad_W GEMM (reduction depth C, which reads and writes the V x D fp32 accumulator every chunk, about
+# C/4 FLOP per byte) sits near an H100's compute/bandwidth balance, while a 24 GB card keeps room for
+# activations. Larger is (slightly) faster, smaller saves memory; tune on the GPU.
+CHUNK_BYTES = 256 * 1024 * 1024
+
+# Widest V tile a program loads at once. 4096 values over 8 warps (256 threads) is 16 a thread: 16-byte
+# loads with several in flight per thread, and no spills (compiled for sm_90 with every option on: 72
+# registers, no local memory, so 3 programs fit an SM; 8192 needs 114-128). At V=152k a row is ~38 tiles
+# a pass. Not yet tuned on a GPU. Tests lower it to run several (ragged) tiles in the interpreter.
+MAX_BLOCK_V = 4096
+
+
+def _chunk_rows(vocab: int, dtype: torch.dtype) -> int:
+    """Rows per chunk: C V elements of ``dtype`` within CHUNK_BYTES, at least one row."""
+    return max(1, CHUNK_BYTES // (vocab * torch.empty((), dtype=dtype).element_size()))
+
+
+# ----------------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def _tanh(x):
+    # tl has no tanh that runs everywhere (the interpreter included); exact to ~1e-7 absolute,
+    # saturates cleanly: exp overflow gives 1, underflow gives -1.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _cross_entropy_rows_kernel(
+    # Pointers
+    logits_ptr,  # (n, V) logits; overwritten with dloss/dlogits when COMPUTE_GRAD
+    targets_ptr,  # (n,) integer labels
+    scale_ptr,  # float32, per row (stride_scale=1) or one value (stride_scale=0): multiplies the grads
+    loss_ptr,  # (n,) float32 out: the row loss, z-loss term included
+    lse_ptr,  # (n,) float32 out, or in when LSE_GIVEN
+    z_term_ptr,  # (n,) float32 out: s * lse^2
+    # Strides and sizes
+    stride_row,
+    stride_scale,
+    V,
+    # Loss options
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    # Meta-parameters
+    BLOCK_V: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    LSE_GIVEN: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_Z_LOSS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+):
+    """One program per row: loss, lse and z-loss term, then (optionally) dloss/dz in place."""
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    offs = tl.arange(0, BLOCK_V)
+    y = tl.load(targets_ptr + row)
+    valid = y != ignore_index  # rows arrive compacted; this only guards direct callers
+
+    if LSE_GIVEN:
+        lse = tl.load(lse_ptr + row)
+    else:
+        # ---- pass 1: online max / sum-exp in float32
+        m = float("-inf")
+        l = 0.0
+        z_sum = 0.0
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            mask = cols < V
+            z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SOFTCAP:
+                z = softcap * _tanh(z / softcap)
+            z = tl.where(mask, z, float("-inf"))
+            m_new = tl.maximum(m, tl.max(z, axis=0))  # finite: every tile has a column < V
+            l = l * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+            m = m_new
+            if HAS_SMOOTHING:
+                z_sum += tl.sum(tl.where(mask, z, 0.0), axis=0)
+        lse = m + tl.log(l)
+
+        z_y = tl.load(row_ptr + y, mask=valid, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            z_y = softcap * _tanh(z_y / softcap)
+        loss = lse - z_y
+        if HAS_SMOOTHING:
+            # torch's definition: (1 - eps) * nll + eps * mean_j(lse - z_j)
+            loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - z_sum / V)
+        z_term = 0.0
+        if HAS_Z_LOSS:
+            z_term = z_loss * lse * lse
+        tl.store(loss_ptr + row, tl.where(valid, loss + z_term, 0.0))
+        tl.store(lse_ptr + row, lse)
+        tl.store(z_term_ptr + row, tl.where(valid, z_term, 0.0))
+
+    if COMPUTE_GRAD:
+        # ---- pass 2: dloss/dz = (1 + 2 s lse) p - (1 - eps) onehot(y) - eps / V, in place
+        scale = tl.load(scale_ptr + row * stride_scale).to(tl.float32)
+        p_coef = 1.0
+        if HAS_Z_LOSS:
+            p_coef = 1.0 + 2.0 * z_loss * lse
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            mask = cols < V
+            z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SOFTCAP:
+                t = _tanh(z / softcap)
+                z = softcap * t
+            g = p_coef * tl.exp(z - lse) - tl.where(cols == y, 1.0 - label_smoothing, 0.0)
+            if HAS_SMOOTHING:
+                g -= label_smoothing / V
+            if HAS_SOFTCAP:
+                g *= 1.0 - t * t
+            g = tl.where(valid, g * scale, 0.0)  # where, not *0: a stale lse can make g inf
+            tl.store(row_ptr + cols, g.to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# launchers
+
+
+def cross_entropy_rows(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    scale: torch.Tensor | float = 1.0,
+    lse: torch.Tensor | None = None,
+    compute_grad: bool = False,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    block_v: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row-wise cross-entropy of ``logits`` (n, V) against ``targets`` (n,), math in float32.
+
+    Returns ``(loss, lse, z_term)``, each (n,) float32 (``loss`` includes ``z_term``). With
+    ``compute_grad`` the logits are overwritten with ``scale * dloss/dlogits`` (``scale``: one number or
+    (n,) per-row weights). With ``lse`` given (the forward's), pass 1 is skipped and ``loss``/``z_term``
+    are left unwritten (empty).
+    """
+    if logits.dim() != 2 or logits.stride(1) != 1:
+        raise ValueError(f"logits must be 2-D with contiguous rows, got shape {tuple(logits.shape)}")
+    n, vocab = logits.shape
+    loss = logits.new_empty(n, dtype=torch.float32)
+    z_term = logits.new_empty(n, dtype=torch.float32)
+    lse_given = lse is not None
+    lse = lse.float().contiguous() if lse_given else logits.new_empty(n, dtype=torch.float32)
+    if n == 0:
+        return loss, lse, z_term
+    if isinstance(scale, torch.Tensor) and scale.numel() == n and n != 1:
+        scale_t, stride_scale = scale.float().contiguous(), 1
+    else:  # one value for every row
+        scale_t = torch.as_tensor(scale, dtype=torch.float32, device=logits.device).reshape(1)
+        stride_scale = 0
+    block = block_v or min(MAX_BLOCK_V, triton.next_power_of_2(vocab))
+    # 8 warps for the widest tiles (16 values a thread); 4 warps at 4096 would need 96-123 registers
+    num_warps = 8 if block >= 2048 else 4
+    _cross_entropy_rows_kernel[(n,)](
+        logits, targets.contiguous(), scale_t, loss, lse, z_term,
+        logits.stride(0), stride_scale, vocab,
+        ignore_index, float(label_smoothing), float(z_loss), float(softcap or 1.0),
+        BLOCK_V=block,
+        COMPUTE_GRAD=compute_grad,
+        LSE_GIVEN=lse_given,
+        HAS_SMOOTHING=label_smoothing > 0.0,
+        HAS_Z_LOSS=z_loss > 0.0,
+        HAS_SOFTCAP=softcap is not None,
+        num_warps=num_warps,
+    )
+    return loss, lse, z_term
+
+
+_ADDMM_FP32_OUT = True  # cleared the first time cuBLAS refuses a 16-bit x 16-bit -> fp32 addmm
+
+
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with ``acc`` float32 and ``a``, ``b`` 16-bit."""
+    global _ADDMM_FP32_OUT
+    if acc.is_cuda and _ADDMM_FP32_OUT:
+        try:  # the product stays in fp32 from cuBLAS's accumulator to acc: no rounding to 16 bits
+            torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
+            return
+        except (RuntimeError, NotImplementedError):
+            _ADDMM_FP32_OUT = False
+    # fallback: 16-bit product a block of rows at a time (bounded temporary), added in fp32
+    step = max(1, CHUNK_BYTES // (b.shape[1] * b.element_size()))
+    for s in range(0, acc.shape[0], step):
+        acc[s : s + step] += (a[s : s + step] @ b).float()
+
+
+def _chunked_logits_and_grads(h, weight, bias, targets, *, need, scale, lse, accumulate_in_fp32,
+                              chunk_rows, block_v, **ce):
+    """The chunk loop shared by forward and backward; see the module docstring."""
+    n, vocab = h.shape[0], weight.shape[0]
+    need_h, need_w, need_b = need
+    compute_grad = need_h or need_w or need_b
+    losses = h.new_empty(n, dtype=torch.float32)
+    lse_out = h.new_empty(n, dtype=torch.float32)
+    z_terms = h.new_empty(n, dtype=torch.float32)
+    grad_h = torch.empty_like(h) if need_h else None
+    grad_w = grad_b = None
+    if need_w:
+        acc_dtype = torch.float32 if accumulate_in_fp32 else weight.dtype
+        grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
+    if need_b:
+        grad_b = torch.zeros(vocab, dtype=torch.float32, device=bias.device)
+    step = chunk_rows or _chunk_rows(vocab, h.dtype)
+    z_buf = h.new_empty(min(step, n), vocab)  # the only [rows x V] memory
+    for s in range(0, n, step):
+        hc, yc = h[s : s + step], targets[s : s + step]
+        z = z_buf[: hc.shape[0]]
+        if bias is None:
+            torch.mm(hc, weight.t(), out=z)
+        else:
+            torch.addmm(bias, hc, weight.t(), out=z)
+        sc = scale if not isinstance(scale, torch.Tensor) or scale.dim() == 0 else scale[s : s + step]
+        loss_c, lse_c, z_c = cross_entropy_rows(
+            z, yc, scale=sc, lse=None if lse is None else lse[s : s + step], compute_grad=compute_grad,
+            block_v=block_v, **ce,
+        )
+        if lse is None:
+            losses[s : s + step], lse_out[s : s + step], z_terms[s : s + step] = loss_c, lse_c, z_c
+        if not compute_grad:
+            continue
+        # z now holds dloss/dz (c, V)
+        if need_h:
+            torch.mm(z, weight, out=grad_h[s : s + step])
+        if need_w:
+            if grad_w.dtype == z.dtype:
+                grad_w.addmm_(z.t(), hc)
+            else:
+                _addmm_fp32_(grad_w, z.t(), hc)
+        if need_b:
+            grad_b += z.sum(0, dtype=torch.float32)
+    if grad_w is not None:
+        grad_w = grad_w.to(weight.dtype)
+    if grad_b is not None:
+        grad_b = grad_b.to(bias.dtype)
+    return losses, lse_out, z_terms, grad_h, grad_w, grad_b
+
+
+def fused_linear_cross_entropy_forward(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    *,
+    need: tuple[bool, bool, bool] = (True, True, True),
+    accumulate_in_fp32: bool = True,
+    chunk_rows: int | None = None,
+    block_v: int | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+):
+    """Row losses of ``h @ weight.T (+ bias)`` against ``targets``, and the gradients named in ``need``.
+
+    h: (n, D) kept rows; weight: (V, D); bias: (V,) or None; targets: (n,).
+    ``need``: which of (grad_h, grad_W, grad_b) to compute; all False runs the kernel without its
+    gradient pass and skips every gradient matmul. Returns ``(loss, lse, z_term, grad_h, grad_W,
+    grad_b)``: the first three (n,) float32, the gradients those of ``loss.sum()`` (None where not
+    needed), in the dtypes of ``h``, ``weight``, ``bias``. ``accumulate_in_fp32``: sum grad_W over chunks
+    in a float32 buffer (V D 4 bytes) when the weight is 16-bit; False accumulates in the weight dtype.
+    """
+    return _chunked_logits_and_grads(
+        h, weight, bias, targets, need=need, scale=1.0, lse=None, accumulate_in_fp32=accumulate_in_fp32,
+        chunk_rows=chunk_rows, block_v=block_v, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+    )
+
+
+def fused_linear_cross_entropy_backward(
+    grad_rows: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    need: tuple[bool, bool, bool] = (True, True, True),
+    accumulate_in_fp32: bool = True,
+    chunk_rows: int | None = None,
+    block_v: int | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+):
+    """Gradients of ``sum_i grad_rows[i] * loss_i`` by recomputing each chunk's logits.
+
+    ``lse``: the forward's (n,) float32 log-sum-exp. Returns ``(grad_h, grad_W, grad_b)``.
+    """
+    *_, grad_h, grad_w, grad_b = _chunked_logits_and_grads(
+        h, weight, bias, targets, need=need, scale=grad_rows.float(), lse=lse,
+        accumulate_in_fp32=accumulate_in_fp32, chunk_rows=chunk_rows, block_v=block_v,
+        ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+    )
+    return grad_h, grad_w, grad_b
+
+
+# ----------------------------------------------------------------------------------------------------
+# autograd
+
+
+class FusedLinearCrossEntropyFunction(torch.autograd.Function):
+    """``apply(h, weight, bias, targets, scale, options) -> (loss, z_term)``.
+
+    ``scale`` a float or 0-dim tensor: ``loss = scale * sum_i loss_i`` (and the z-loss term reduced the
+    same way), gradients computed in the forward. ``scale=None``: per-row ``(loss_i, z_i)``, gradients
+    recomputed in the backward. ``options``: keywords of :func:`fused_linear_cross_entropy_forward`
+    (``ignore_index``, ``label_smoothing``, ``z_loss``, ``softcap``, ``accumulate_in_fp32``,
+    ``chunk_rows``, ``block_v``). The z-loss term is not differentiable (it is a metric; its gradient
+    is part of the loss's).
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, scale, options):
+        need = tuple(ctx.needs_input_grad[:3])
+        ctx.options, ctx.scale, ctx.per_row, ctx.used = options, scale, scale is None, False
+        if scale is None:
+            losses, lse, z_terms, *_ = fused_linear_cross_entropy_forward(
+                h, weight, bias, targets, need=(False, False, False), **options)
+            ctx.save_for_backward(h, weight, bias, targets, lse)
+        else:
+            losses, _, z_terms, grad_h, grad_w, grad_b = fused_linear_cross_entropy_forward(
+                h, weight, bias, targets, need=need, **options)
+            ctx.save_for_backward(grad_h, grad_w, grad_b)
+            losses, z_terms = losses.sum() * scale, z_terms.sum() * scale
+        ctx.mark_non_differentiable(z_terms)
+        return losses, z_terms
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_z_terms):
+        need = tuple(ctx.needs_input_grad[:3])
+        if ctx.per_row:
+            h, weight, bias, targets, lse = ctx.saved_tensors
+            grads = fused_linear_cross_entropy_backward(
+                grad_loss, h, weight, bias, targets, lse, need=need, **ctx.options)
+            return (*grads, None, None, None)
+        if ctx.used:  # the stored gradients were scaled in place by the first backward
+            raise RuntimeError("fused linear cross-entropy computes its gradients in the forward; "
+                               "it cannot be backpropagated twice (retain_graph)")
+        ctx.used = True
+        factor = grad_loss.float() * ctx.scale  # float32 0-dim: d total / d (sum of row losses)
+        grads = [None if g is None else g.mul_(factor) for g in ctx.saved_tensors]
+        return (*grads, None, None, None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# reference: the plain PyTorch implementation (blockwise recompute) is fastsft.loss.fused_linear_cross_entropy,
+# forced with ``fastsft.loss.use_implementation("reference")``; it is not duplicated here.
