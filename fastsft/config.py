@@ -89,6 +89,9 @@ class TrainConfig:
     device: str = _opt("auto", "auto = cuda when available, else cpu.", ("auto", "cpu", "cuda"))
     precision: str = _opt("auto", "Autocast precision; auto = bf16 on CUDA, fp32 on CPU.", ("auto", "bf16", "fp32"))
     threads: int = _opt(0, "CPU threads for torch; 0 leaves torch's default.")
+    kernels: str = _opt("auto", "Native kernels (fused loss): auto = Triton on CUDA, on = always (CPU needs "
+                                "TRITON_INTERPRET=1), off = the plain PyTorch paths (the ablation).",
+                        ("auto", "on", "off"))
 
 
 @dataclass

@@ -15,7 +15,7 @@ from fastsft.train.batching import IGNORE_INDEX, collate
 
 @torch.no_grad()
 def response_loss(model, store, *, pad_id: int, batch_size: int, max_records: int, device,
-                  autocast=contextlib.nullcontext) -> dict:
+                  autocast=contextlib.nullcontext, kernels: str = "auto") -> dict:
     """Mean cross-entropy over the trained (response) tokens of the first ``max_records`` records."""
     was_training = model.training
     model.eval()
@@ -26,7 +26,7 @@ def response_loss(model, store, *, pad_id: int, batch_size: int, max_records: in
         targets = batch["targets"].to(device)
         with autocast():
             hidden = model(batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device))
-            loss = fused_linear_cross_entropy(hidden, model.lm_head.weight, targets, reduction="sum")
+            loss = fused_linear_cross_entropy(hidden, model.lm_head.weight, targets, reduction="sum", kernels=kernels)
         total += float(loss)
         count += int((targets != IGNORE_INDEX).sum())
     model.train(was_training)

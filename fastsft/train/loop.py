@@ -235,7 +235,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         out = {"kind": "eval", "step": step}
         if eval_store is not None and len(eval_store):
             r = response_loss(model, eval_store, pad_id=pad_id, batch_size=cfg.eval.batch_size,
-                              max_records=cfg.eval.max_records, device=device, autocast=autocast)
+                              max_records=cfg.eval.max_records, device=device, autocast=autocast,
+                              kernels=cfg.train.kernels)
             out.update(eval_loss=r["loss"], eval_ppl=r["ppl"])
             if cfg.eval.exact_match and generate:
                 em = exact_match(model, tokenizer, eval_store, n=cfg.eval.exact_match,
@@ -244,7 +245,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
                 out.update(exact_match=em["exact_match"], samples=em["samples"])
         if general_store is not None:
             g = response_loss(model, general_store, pad_id=pad_id, batch_size=cfg.eval.batch_size,
-                              max_records=cfg.eval.max_records, device=device, autocast=autocast)
+                              max_records=cfg.eval.max_records, device=device, autocast=autocast,
+                              kernels=cfg.train.kernels)
             out.update(general_ppl=g["ppl"])
             if "eval_ppl" in out:
                 out["ppl_ratio"] = out["eval_ppl"] / g["ppl"]  # instruction PPL / general PPL
@@ -276,7 +278,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             with autocast():
                 hidden = model(batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device))
                 loss = fused_linear_cross_entropy(hidden, model.lm_head.weight, batch["targets"].to(device),
-                                                  reduction="sum", num_items=num_items)
+                                                  reduction="sum", num_items=num_items, kernels=cfg.train.kernels)
             loss.backward()
             step_loss += float(loss.detach())
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))

@@ -137,3 +137,15 @@ def test_same_seed_same_adapter(tmp_path):
     a = load_file(str(tmp_path / "a" / "run" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "b" / "run" / "adapter" / "adapter_model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_kernel_and_reference_loss_train_alike(tmp_path):
+    """The trainer through the Triton kernel (interpreter on CPU) follows the plain-PyTorch path."""
+    losses = {}
+    for mode in ("on", "off"):
+        cfg = tiny_cfg(tmp_path / mode, **{"train.kernels": mode, "train.max_steps": 4, "output.log_every": 1,
+                                           "eval.exact_match": 0, "eval.max_records": 8})
+        train(cfg)
+        records = [json.loads(l) for l in (tmp_path / mode / "run" / "metrics.jsonl").read_text().splitlines()]
+        losses[mode] = [r["loss"] for r in records if r["kind"] == "train"]
+    assert losses["on"] == pytest.approx(losses["off"], rel=1e-4)
