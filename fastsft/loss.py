@@ -23,6 +23,8 @@ tests and benchmarks. The kernel runs on CPU tensors only under ``TRITON_INTERPR
 
 from __future__ import annotations
 
+import os
+
 import contextlib
 
 import torch
@@ -51,10 +53,17 @@ def use_implementation(name: str | None):
 
 def _use_kernel(hidden: torch.Tensor, kernels: str) -> bool:
     if _impl_override is not None:
-        return _impl_override == "kernel"
-    if kernels == "auto":
+        use = _impl_override == "kernel"
+    elif kernels == "auto":
         return hidden.is_cuda and triton_available()
-    return kernels == "on"
+    else:
+        use = kernels == "on"
+    if use and not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("kernels='on' runs the Triton kernel, which needs CUDA tensors "
+                         "(or TRITON_INTERPRET=1 for Triton's slow CPU interpreter)")
+    if use and not triton_available():
+        raise ValueError("kernels='on' needs triton installed")
+    return use
 
 # One chunk of float32 logits (rows x V) plus its softmax stays under this many bytes: 256 MiB keeps
 # the reference usable at V=152k (~440 rows a chunk) without the chunk loop dominating small V.
