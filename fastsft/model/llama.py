@@ -9,7 +9,8 @@ never logits: the loss owns the LM-head matmul (see `CausalLM.logits`).
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from functools import lru_cache
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -126,8 +127,9 @@ class Attention(nn.Module):
             self.q_norm = None
             self.k_norm = None
 
-    def forward(self, x, cos, sin, attn_mask: Optional[torch.Tensor]):
-        """attn_mask: None -> plain causal (SDPA is_causal fast path); else bool [B|1, 1, T, T]."""
+    def forward(self, x, cos, sin, attn_mask: Union[None, torch.Tensor, "VarlenArgs"]):
+        """attn_mask: None -> plain causal (SDPA is_causal fast path); a bool [B|1, 1, T, T]
+        tensor -> SDPA with that mask; a `VarlenArgs` -> packed varlen kernel (CUDA only)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -135,6 +137,16 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(q)
             k = self.k_norm(k)
+        if isinstance(attn_mask, VarlenArgs):
+            # Packed rows on the varlen kernel: [B*T, H, D] token-major, RoPE applied in place.
+            c, s = cos.unsqueeze(2), sin.unsqueeze(2)
+            q = q * c + rotate_half(q) * s
+            k = k * c + rotate_half(k) * s
+            out = attn_mask.attend(q.reshape(B * T, self.num_heads, self.head_dim),
+                                   k.reshape(B * T, self.num_kv_heads, self.head_dim),
+                                   v.reshape(B * T, self.num_kv_heads, self.head_dim),
+                                   self.sliding_window)
+            return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         gqa = self.num_kv_heads != self.num_heads
@@ -195,6 +207,113 @@ def _build_mask(T: int, key_mask: Optional[torch.Tensor], window: Optional[int],
     return allowed | eye
 
 
+# --------------------------------------------------------------------------- packed rows
+# Packed batch: several sequences concatenated per row; `cu_seqlens` int32 [S+1] are cumulative
+# lengths over the *flattened* B*T tokens, `position_ids` restart at 0 at each sequence start.
+# Tokens after cu_seqlens[-1] are padding (they attend among themselves, never to real tokens).
+# With B > 1 every sequence must lie within one row.
+#
+# CUDA (fp16/bf16): a varlen flash kernel -- flash-attn's `flash_attn_varlen_func` if installed,
+# else torch's `torch.nn.attention.varlen.varlen_attn`. Everywhere else (CPU, fp32, no kernel):
+# SDPA with a block-diagonal causal (and windowed) boolean mask [B, 1, T, T].
+
+# "auto": varlen kernel where it can run, else the mask; "mask": always the SDPA mask path.
+PACKED_ATTN_BACKEND = "auto"
+
+
+@lru_cache(maxsize=None)
+def _varlen_kernel() -> Optional[tuple[str, Callable]]:
+    """(name, fn) of the first importable varlen kernel, or None. Imported lazily, once."""
+    try:
+        from flash_attn import flash_attn_varlen_func  # type: ignore
+
+        return "flash_attn", flash_attn_varlen_func
+    except Exception:
+        pass
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # type: ignore
+
+        return "torch", varlen_attn
+    except Exception:
+        return None
+
+
+def _varlen_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """The flash varlen kernels are CUDA-only and half-precision-only."""
+    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+
+
+class VarlenArgs(NamedTuple):
+    """What every layer needs to run the varlen kernel (trailing padding already folded into
+    cu_seqlens as a final sequence, so the kernel writes every output row)."""
+
+    cu_seqlens: torch.Tensor  # int32 [S'+1], last entry == B*T
+    max_seqlen: int
+    kernel: str
+    fn: Callable
+
+    def attend(self, q, k, v, window: Optional[int]) -> torch.Tensor:
+        """q [N, H, D], k/v [N, Hkv, D] -> [N, H, D]; causal within each sequence, and within
+        the last `window` tokens (self included) where the layer has a sliding window."""
+        ws = (-1, 0) if window is None else (window - 1, 0)
+        cu, m = self.cu_seqlens, self.max_seqlen
+        if self.kernel == "flash_attn":  # GQA native
+            return self.fn(q, k, v, cu, cu, m, m, dropout_p=0.0, causal=True, window_size=ws)
+        return self.fn(q, k, v, cu, cu, m, m, window_size=ws, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def _varlen_args(cu_seqlens: torch.Tensor, max_seqlen: Optional[int], n_tokens: int,
+                 dtype: torch.dtype) -> Optional[VarlenArgs]:
+    """VarlenArgs when a varlen kernel can run these tensors, else None (-> mask path)."""
+    if PACKED_ATTN_BACKEND == "mask" or not _varlen_supported(cu_seqlens.device, dtype):
+        return None
+    kernel = _varlen_kernel()
+    if kernel is None:
+        return None
+    cu = cu_seqlens.to(torch.int32)
+    last = int(cu[-1])  # one host sync per forward (not per layer)
+    if last > n_tokens:
+        raise ValueError(f"cu_seqlens[-1] = {last} exceeds the {n_tokens} tokens of the batch")
+    if max_seqlen is None:
+        max_seqlen = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+    if last < n_tokens:  # trailing padding becomes one more sequence so no output is left unwritten
+        cu = torch.cat([cu, cu.new_tensor([n_tokens])])
+        max_seqlen = max(int(max_seqlen), n_tokens - last)
+    return VarlenArgs(cu, int(max_seqlen), kernel[0], kernel[1])
+
+
+def _packed_seq_ids(cu_seqlens: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    """Per-token sequence index [B, T] (int64); tokens past cu_seqlens[-1] get index S (padding)."""
+    cu = cu_seqlens.to(torch.int64)
+    flat = torch.arange(B * T, device=cu.device)
+    return (torch.searchsorted(cu, flat, right=True) - 1).view(B, T)
+
+
+def _packed_position_ids(cu_seqlens: torch.Tensor, seq_ids: torch.Tensor) -> torch.Tensor:
+    """Positions restarting at 0 at every sequence start (and at the start of trailing padding)."""
+    B, T = seq_ids.shape
+    cu = cu_seqlens.to(torch.int64)
+    flat = torch.arange(B * T, device=cu.device).view(B, T)
+    return flat - cu[seq_ids]
+
+
+def _build_packed_mask(seq_ids: torch.Tensor, key_mask: Optional[torch.Tensor], window: Optional[int]) -> torch.Tensor:
+    """Boolean SDPA mask [B, 1, T, T]: same sequence AND causal AND in window (AND key-not-pad).
+    Sequences are contiguous, so row distance is distance within the sequence. The diagonal is
+    always allowed, so no query row is empty (no NaN)."""
+    B, T = seq_ids.shape
+    idx = torch.arange(T, device=seq_ids.device)
+    diff = idx[:, None] - idx[None, :]
+    allowed = diff >= 0
+    if window is not None:
+        allowed = allowed & (diff < window)
+    allowed = allowed[None] & (seq_ids[:, :, None] == seq_ids[:, None, :])
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, :].bool()
+    allowed = allowed | torch.eye(T, dtype=torch.bool, device=seq_ids.device)[None]
+    return allowed[:, None]
+
+
 # --------------------------------------------------------------------------- model
 class Backbone(nn.Module):
     """The `model.` part of the state dict (HF's LlamaModel equivalent)."""
@@ -208,9 +327,13 @@ class Backbone(nn.Module):
         self.rotary_emb = RotaryEmbedding(config)
         self.gradient_checkpointing = False
 
-    def forward(self, input_ids, position_ids=None, attention_mask=None, cu_seqlens=None):
-        if cu_seqlens is not None:
-            raise NotImplementedError("packed rows land with the packing work")
+    def forward(self, input_ids, position_ids=None, attention_mask=None, cu_seqlens=None, max_seqlen=None):
+        if input_ids.dim() == 1:  # a single packed row given as [T] -> hidden [T, D]
+            if position_ids is not None and position_ids.dim() == 1:
+                position_ids = position_ids.unsqueeze(0)
+            if attention_mask is not None and attention_mask.dim() == 1:
+                attention_mask = attention_mask.unsqueeze(0)
+            return self.forward(input_ids.unsqueeze(0), position_ids, attention_mask, cu_seqlens, max_seqlen)[0]
         B, T = input_ids.shape
         device = input_ids.device
         if attention_mask is not None:
@@ -218,6 +341,8 @@ class Backbone(nn.Module):
                 raise ValueError(f"attention_mask must be [B, T] = {(B, T)}, got {tuple(attention_mask.shape)}")
             if bool(attention_mask.all()):
                 attention_mask = None  # no padding: keep the is_causal fast path
+        if cu_seqlens is not None:
+            return self._forward_packed(input_ids, position_ids, attention_mask, cu_seqlens, max_seqlen)
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
@@ -233,11 +358,40 @@ class Backbone(nn.Module):
             w = layer.self_attn.sliding_window
             if w not in masks:
                 masks[w] = _build_mask(T, attention_mask, w, device)
-            mask = masks[w]
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
+            h = self._run_layer(layer, h, cos, sin, masks[w])
+        return self.norm(h)
+
+    def _run_layer(self, layer, h, cos, sin, mask):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
+        return layer(h, cos, sin, mask)
+
+    def _forward_packed(self, input_ids, position_ids, attention_mask, cu_seqlens, max_seqlen):
+        """Packed rows: attention stays inside each sequence of cu_seqlens (see module notes)."""
+        B, T = input_ids.shape
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+            raise ValueError(f"cu_seqlens must be 1-D [S+1], got shape {tuple(cu_seqlens.shape)}")
+        cu_seqlens = cu_seqlens.to(input_ids.device)
+        h = self.embed_tokens(input_ids)
+        varlen = None if attention_mask is not None else _varlen_args(cu_seqlens, max_seqlen, B * T, h.dtype)
+        seq_ids = None
+        if varlen is None or position_ids is None:
+            seq_ids = _packed_seq_ids(cu_seqlens, B, T)
+        if position_ids is None:
+            position_ids = _packed_position_ids(cu_seqlens, seq_ids)
+        elif position_ids.dim() == 1:
+            position_ids = position_ids.unsqueeze(0).expand(B, T)
+        cos, sin = self.rotary_emb(position_ids, h.dtype)
+        masks: dict[Optional[int], torch.Tensor] = {}
+        for layer in self.layers:
+            if varlen is not None:
+                mask = varlen
             else:
-                h = layer(h, cos, sin, mask)
+                w = layer.self_attn.sliding_window
+                if w not in masks:
+                    masks[w] = _build_packed_mask(seq_ids, attention_mask, w)
+                mask = masks[w]
+            h = self._run_layer(layer, h, cos, sin, mask)
         return self.norm(h)
 
 
@@ -272,11 +426,18 @@ class CausalLM(nn.Module):
         position_ids: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         cu_seqlens: Optional[torch.Tensor] = None,
+        max_seqlen: Optional[int] = None,
     ) -> torch.Tensor:
         """input_ids [B,T]; position_ids [B,T] (default arange, or cumsum(mask)-1 with a mask);
-        attention_mask [B,T] 1=token 0=pad (e.g. left padding). Returns hidden [B,T,D]."""
+        attention_mask [B,T] 1=token 0=pad (e.g. left padding). Returns hidden [B,T,D].
+
+        Packed rows: cu_seqlens int32 [S+1] over the flattened B*T tokens (each sequence within
+        one row; tokens past cu_seqlens[-1] are padding), max_seqlen its longest sequence
+        (optional), position_ids restarting at 0 per sequence (derived from cu_seqlens if
+        omitted). Tokens attend causally within their own sequence only. A 1-D input_ids [T]
+        is one row and returns hidden [T, D]."""
         return self.model(input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                          cu_seqlens=cu_seqlens)
+                          cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

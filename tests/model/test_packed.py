@@ -1,0 +1,234 @@
+"""Packed rows (cu_seqlens): no attention across sequence boundaries, for every architecture."""
+
+import pytest
+import torch
+
+import fastsft.model.llama as llama
+from fastsft.model import ModelConfig, build_model
+
+ATOL = 1e-5
+VOCAB = 97
+
+_COMMON = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+               num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=128)
+
+CONFIGS = {
+    "llama": dict(model_type="llama", rope_theta=500000.0),
+    "llama3_rope": dict(model_type="llama", tie_word_embeddings=True, attention_bias=True,
+                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8}),
+    # window 4 is shorter than the 13- and 9-token sequences, so it bites inside them
+    "mistral_sw": dict(model_type="mistral", sliding_window=4),
+    # qkv bias; layer 0 full attention, layers 1.. windowed
+    "qwen2_bias_sw": dict(model_type="qwen2", attention_bias=True, sliding_window=3, max_window_layers=1),
+    "qwen3_qknorm": dict(model_type="qwen3", head_dim=16, num_key_value_heads=1),
+}
+
+_MODELS: dict = {}
+
+
+def _model(kind):
+    if kind not in _MODELS:
+        m = build_model(ModelConfig(**{**_COMMON, **CONFIGS[kind]}), seed=0).eval()
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # move norms and biases off their init so they are exercised
+            for name, p in m.named_parameters():
+                if "norm" in name or name.endswith(".bias"):
+                    p.add_(0.2 * torch.randn(p.shape, generator=g))
+        _MODELS[kind] = m
+    return _MODELS[kind]
+
+
+def _seqs(lengths, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (n,), generator=g) for n in lengths]
+
+
+def _pack_rows(rows, T, pad_id=0):
+    """rows: list (per row) of lists of 1-D token tensors. Returns ids [B,T], pos [B,T], cu over the
+    flat B*T tokens. Unused row tails become a padding sequence, except after the last row."""
+    B = len(rows)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    pos = torch.zeros(B, T, dtype=torch.long)
+    cu = [0]
+    for b, seqs in enumerate(rows):
+        t = 0
+        for s in seqs:
+            ids[b, t:t + len(s)] = s
+            pos[b, t:t + len(s)] = torch.arange(len(s))
+            t += len(s)
+            cu.append(b * T + t)
+        if t < T:
+            pos[b, t:] = torch.arange(T - t)
+            if b < B - 1:
+                cu.append((b + 1) * T)  # explicit "padding sequence" closing the row
+    return ids, pos, torch.tensor(cu, dtype=torch.int32)
+
+
+def _solo(m, s):
+    with torch.no_grad():
+        return m(s[None])[0]
+
+
+def _check_rows(m, rows, ids, hidden):
+    T = ids.shape[1]
+    for b, seqs in enumerate(rows):
+        t = 0
+        for s in seqs:
+            ref = _solo(m, s)
+            got = hidden[b, t:t + len(s)]
+            torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
+            torch.testing.assert_close(m.logits(got), m.logits(ref), atol=ATOL, rtol=0)
+            t += len(s)
+        assert t <= T
+
+
+KINDS = list(CONFIGS)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_single_row_no_contamination(kind):
+    m = _model(kind)
+    rows = [_seqs([5, 13, 1, 9], seed=0)]
+    ids, pos, cu = _pack_rows(rows, 28)
+    with torch.no_grad():
+        h = m(ids, position_ids=pos, cu_seqlens=cu, max_seqlen=13)
+        h_derived = m(ids, cu_seqlens=cu)  # position_ids / max_seqlen derived from cu_seqlens
+        h_flat = m(ids[0], position_ids=pos[0], cu_seqlens=cu)  # 1-D row -> [T, D]
+    assert h.shape == (1, 28, _COMMON["hidden_size"])
+    _check_rows(m, rows, ids, h)
+    torch.testing.assert_close(h_derived, h, atol=0, rtol=0)
+    torch.testing.assert_close(h_flat, h[0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_packed_rows(kind):
+    m = _model(kind)
+    rows = [_seqs([5, 13, 1, 9], seed=1), _seqs([7, 2, 12, 4, 3], seed=2)]
+    ids, pos, cu = _pack_rows(rows, 28)
+    assert cu.tolist() == [0, 5, 18, 19, 28, 35, 37, 49, 53, 56]
+    with torch.no_grad():
+        h = m(ids, position_ids=pos, cu_seqlens=cu, max_seqlen=13)
+    _check_rows(m, rows, ids, h)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_padding_no_nan(kind):
+    m = _model(kind)
+    # row 0: a padding sequence closes it in cu; row 1: trailing tokens past cu[-1]
+    rows = [_seqs([5, 13], seed=3), _seqs([9, 1, 6], seed=4)]
+    ids, pos, cu = _pack_rows(rows, 24)
+    assert cu.tolist() == [0, 5, 18, 24, 33, 34, 40]
+    with torch.no_grad():
+        h = m(ids, position_ids=pos, cu_seqlens=cu)
+        h_nopos = m(ids, cu_seqlens=cu)
+    assert torch.isfinite(h).all() and torch.isfinite(m.logits(h)).all()
+    _check_rows(m, rows, ids, h)
+    torch.testing.assert_close(h_nopos, h, atol=0, rtol=0)
+    # a single row whose padding is only "after cu_seqlens[-1]"
+    rows = [_seqs([3, 11], seed=5)]
+    ids, pos, cu = _pack_rows(rows, 20)
+    assert cu.tolist() == [0, 3, 14]
+    with torch.no_grad():
+        h = m(ids, position_ids=pos, cu_seqlens=cu)
+    assert torch.isfinite(h).all()
+    _check_rows(m, rows, ids, h)
+
+
+@pytest.mark.parametrize("kind", ["mistral_sw", "qwen2_bias_sw", "qwen3_qknorm"])
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_gradients_equal_sum_of_solo_gradients(kind, ckpt):
+    m = _model(kind)
+    seqs = _seqs([5, 13, 1, 9], seed=6)
+    ids, pos, cu = _pack_rows([seqs], 30)  # 2 trailing pad tokens
+    w = torch.randn(30, VOCAB, generator=torch.Generator().manual_seed(7))
+    w[28:] = 0  # loss ignores padding
+    m.train()
+    m.gradient_checkpointing = ckpt
+    try:
+        m.zero_grad(set_to_none=True)
+        (m.logits(m(ids, position_ids=pos, cu_seqlens=cu)[0]) * w).sum().backward()
+        packed = {n: p.grad.clone() for n, p in m.named_parameters()}
+        m.zero_grad(set_to_none=True)
+        t = 0
+        for s in seqs:
+            (m.logits(m(s[None])[0]) * w[t:t + len(s)]).sum().backward()
+            t += len(s)
+        solo = {n: p.grad.clone() for n, p in m.named_parameters()}
+    finally:
+        m.gradient_checkpointing = False
+        m.zero_grad(set_to_none=True)
+        m.eval()
+    for n, g in packed.items():
+        assert torch.isfinite(g).all(), n
+        torch.testing.assert_close(g, solo[n], atol=1e-5, rtol=1e-4, msg=n)
+    assert packed["model.layers.0.self_attn.q_proj.weight"].abs().sum() > 0
+
+
+def test_packing_actually_isolates():
+    """Guard against a vacuous test: without cu_seqlens the same row gives different states."""
+    m = _model("llama")
+    rows = [_seqs([5, 13, 1, 9], seed=0)]
+    ids, pos, cu = _pack_rows(rows, 28)
+    with torch.no_grad():
+        assert (m(ids, position_ids=pos) - m(ids, position_ids=pos, cu_seqlens=cu)).abs().max() > 1e-3
+
+
+def test_packed_with_attention_mask():
+    """attention_mask may be combined with cu_seqlens (masked keys are hidden on top)."""
+    m = _model("mistral_sw")
+    rows = [_seqs([5, 13, 1, 9], seed=8)]
+    ids, pos, cu = _pack_rows(rows, 28)
+    with torch.no_grad():
+        h = m(ids, position_ids=pos, cu_seqlens=cu, attention_mask=torch.ones_like(ids))
+    _check_rows(m, rows, ids, h)
+
+
+def test_cpu_uses_mask_path():
+    assert llama._varlen_args(torch.tensor([0, 4], dtype=torch.int32), 4, 4, torch.bfloat16) is None
+    assert not llama._varlen_supported(torch.device("cpu"), torch.bfloat16)
+    assert not llama._varlen_supported(torch.device("cuda"), torch.float32)
+
+
+def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False):
+    """CPU stand-in with torch.nn.attention.varlen.varlen_attn's documented semantics: per sequence
+    of cu_q, key j visible to query i iff i - left <= j <= i + right (-1 = unbounded); (-1, 0) is
+    causal. Fails loudly if any token is left out of cu_seqlens (a real kernel would not write it)."""
+    assert cu_q is cu_k and int(cu_q[-1]) == q.shape[0] and cu_q.dtype == torch.int32
+    assert int((cu_q[1:] - cu_q[:-1]).max()) <= max_q == max_k
+    assert enable_gqa == (k.shape[1] != q.shape[1])
+    left, right = window_size
+    out = torch.full_like(q, float("nan"))
+    for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        if b == a:
+            continue
+        qq, kk, vv = (x[a:b].transpose(0, 1) for x in (q, k, v))
+        rep = qq.shape[0] // kk.shape[0]
+        kk, vv = kk.repeat_interleave(rep, 0), vv.repeat_interleave(rep, 0)
+        i = torch.arange(b - a)
+        d = i[:, None] - i[None, :]
+        allowed = torch.ones_like(d, dtype=torch.bool)
+        if left >= 0:
+            allowed &= d <= left
+        if right >= 0:
+            allowed &= -d <= right
+        out[a:b] = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, attn_mask=allowed).transpose(0, 1)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2_bias_sw", "qwen3_qknorm"])
+def test_varlen_plumbing_with_reference_kernel(kind, monkeypatch):
+    """The CUDA varlen path (layout, RoPE, window_size, trailing padding folded into cu_seqlens)
+    run on CPU against a reference kernel with varlen_attn's semantics. Real kernels: GPU only."""
+    m = _model(kind)
+    monkeypatch.setattr(llama, "_varlen_supported", lambda device, dtype: True)
+    monkeypatch.setattr(llama, "_varlen_kernel", lambda: ("torch", _reference_varlen))
+    rows = [_seqs([5, 13, 1], seed=9), _seqs([9, 1, 6], seed=10)]
+    ids, pos, cu = _pack_rows(rows, 24)
+    with torch.no_grad():
+        h = m(ids, position_ids=pos, cu_seqlens=cu, max_seqlen=13)
+    assert torch.isfinite(h).all()
+    _check_rows(m, rows, ids, h)
+    monkeypatch.setattr(llama, "PACKED_ATTN_BACKEND", "mask")
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids, position_ids=pos, cu_seqlens=cu), h, atol=ATOL, rtol=0)
