@@ -56,3 +56,43 @@ def collate(store, indices: np.ndarray, pad_id: int, pad_to_multiple: int = 8) -
 
 def count_targets(batch: dict) -> int:
     return int((batch["targets"] != IGNORE_INDEX).sum())
+
+
+# ----------------------------------------------------------------------------------------------------
+# packed batches: several sequences a row, attention kept within each sequence through cu_seqlens
+
+
+def packed_epoch_batches(num_bins: int, bins_per_batch: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """Bin indices of every micro-batch of one epoch: the bins in a (seed, epoch)-shuffled order."""
+    order = np.random.default_rng([seed, epoch]).permutation(num_bins)
+    return [order[s : s + bins_per_batch] for s in range(0, num_bins, bins_per_batch)]
+
+
+def collate_packed(store, plan, bins: np.ndarray, pad_id: int, width: int) -> dict[str, torch.Tensor]:
+    """Rows of packed bins ``[R, width]`` and ``cu_seqlens`` over the flattened ``R * width`` tokens.
+
+    Each row's tail padding becomes one more segment of its own, so every token belongs to a segment
+    and no attention row is empty.
+    """
+    from fastsft import packing
+
+    out = packing.assemble_bins(store.ids, store.labels, store.offsets, plan.items, plan.item_starts,
+                                plan.item_lengths, plan.bin_offsets, bins, pad_to=width, pad_id=pad_id)
+    real = out["cu_seqlens"].astype(np.int64)
+    row_lengths = out["row_lengths"]
+    row_start = np.concatenate([[0], np.cumsum(row_lengths)])  # rows in the concatenated real tokens
+    bounds = []
+    for r in range(len(bins)):
+        inner = real[(real >= row_start[r]) & (real <= row_start[r + 1])] - row_start[r] + r * width
+        bounds.append(inner)
+        if row_lengths[r] < width:
+            bounds.append(np.array([(r + 1) * width]))
+    cu = np.unique(np.concatenate(bounds + [np.array([0])]))
+    return {
+        "input_ids": torch.from_numpy(out["input_ids"]),
+        "targets": torch.from_numpy(out["targets"]),
+        "position_ids": torch.from_numpy(out["position_ids"]),
+        "cu_seqlens": torch.from_numpy(cu.astype(np.int32)),
+        "max_seqlen": int(np.diff(cu).max()) if len(cu) > 1 else 0,
+        "num_tokens": int(row_lengths.sum()),
+    }

@@ -29,7 +29,8 @@ from fastsft.loss import fused_linear_cross_entropy
 from fastsft.model import ModelConfig, build_model, load_model, save_pretrained
 from fastsft.model.lora import apply_lora, save_adapter, trainable_parameters
 from fastsft.train import checkpoint as ckpt_mod
-from fastsft.train.batching import collate, count_targets, epoch_batches
+from fastsft.packing import pack
+from fastsft.train.batching import collate, collate_packed, count_targets, epoch_batches, packed_epoch_batches
 from fastsft.train.evaluate import exact_match, majority_baseline, response_loss
 from fastsft.train.metrics import MetricsLog, peak_memory_bytes, plot_losses
 
@@ -85,14 +86,20 @@ def lr_lambda(step: int, *, total: int, warmup: int, schedule: str, min_ratio: f
     return min_ratio + (1.0 - min_ratio) * decay
 
 
-def _batch_stream(lengths, cfg: Config, epoch: int, batch_in_epoch: int):
-    """Yield (epoch, index in epoch, record indices) forever from a saved position."""
+def _batch_stream(plan_epoch, epoch: int, batch_in_epoch: int):
+    """Yield (epoch, index in epoch, batch) forever from a saved position; ``plan_epoch(e)`` lists
+    epoch e's micro-batches (record indices, or bin indices when packing)."""
     while True:
-        batches = epoch_batches(lengths, cfg.train.micro_batch_size, cfg.train.seed, epoch,
-                                cfg.train.group_by_length)
+        batches = plan_epoch(epoch)
         for i in range(batch_in_epoch, len(batches)):
             yield epoch, i, batches[i]
         epoch, batch_in_epoch = epoch + 1, 0
+
+
+def _packed_args(batch: dict, device) -> dict:
+    if "cu_seqlens" not in batch:
+        return {}
+    return {"cu_seqlens": batch["cu_seqlens"].to(device), "max_seqlen": batch["max_seqlen"]}
 
 
 def _say(msg: str) -> None:
@@ -195,8 +202,31 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
          f"({'LoRA r=%d' % cfg.lora.r if cfg.lora.enabled else 'full fine-tune'}) on {device}")
     model.train()
 
+    # ---- batching: packed bins of max_seq_len tokens, or one padded record a row ---------------------
+    pad_id = tokenizer.pad_id
+    mbs = cfg.train.micro_batch_size
+    if cfg.data.packing:
+        plan = pack(train_store.lengths, cfg.data.max_seq_len, strategy="bfd")
+        num_units = len(plan.bin_offsets) - 1
+        _say(f"packing: {len(train_store)} records into {num_units} rows of {cfg.data.max_seq_len} tokens "
+             f"({plan.efficiency:.1%} of the capacity holds real tokens)")
+
+        def plan_epoch(e):
+            return packed_epoch_batches(num_units, mbs, cfg.train.seed, e)
+
+        def make_batch(bins):
+            return collate_packed(train_store, plan, bins, pad_id, cfg.data.max_seq_len)
+    else:
+        num_units = len(train_store)
+
+        def plan_epoch(e):
+            return epoch_batches(train_store.lengths, mbs, cfg.train.seed, e, cfg.train.group_by_length)
+
+        def make_batch(indices):
+            return collate(train_store, indices, pad_id)
+
     # ---- optimizer and schedule ---------------------------------------------------------------------
-    batches_per_epoch = math.ceil(len(train_store) / cfg.train.micro_batch_size)
+    batches_per_epoch = math.ceil(num_units / mbs)
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * batches_per_epoch / cfg.train.grad_accum))
     warmup = int(cfg.train.warmup_ratio * total_steps)
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
@@ -228,7 +258,6 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
                                  trainer_state=state, keep=cfg.output.keep_checkpoints, write_extra=extra)
 
     # ---- evaluation ---------------------------------------------------------------------------------
-    pad_id = tokenizer.pad_id
 
     def evaluate(step: int, generate: bool = True) -> dict:
         """Held-out loss/perplexity; exact match (greedy generation, slower) when ``generate``."""
@@ -260,23 +289,24 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     _say("eval before: " + _eval_line(first_eval, baseline))
 
     # ---- the loop -----------------------------------------------------------------------------------
-    stream = _batch_stream(train_store.lengths, cfg, state["epoch"], state["batch_in_epoch"])
+    stream = _batch_stream(plan_epoch, state["epoch"], state["batch_in_epoch"])
     bar = tqdm(total=total_steps, initial=state["step"], disable=not cfg.output.progress, unit="step",
                dynamic_ncols=True)
-    window = {"t": time.time(), "tokens": 0, "response": 0, "loss": 0.0, "n": 0}
+    window = {"t": time.time(), "tokens": 0, "slots": 0, "response": 0, "loss": 0.0, "n": 0}
     last_eval = first_eval
     while state["step"] < total_steps:
         micro = []
         for _ in range(cfg.train.grad_accum):
-            epoch, index, indices = next(stream)
-            micro.append(collate(train_store, indices, pad_id))
+            epoch, index, units = next(stream)
+            micro.append(make_batch(units))
             state["epoch"], state["batch_in_epoch"] = epoch, index + 1
         num_items = max(1, sum(count_targets(b) for b in micro))  # response tokens of the whole step
 
         step_loss = 0.0
         for batch in micro:
             with autocast():
-                hidden = model(batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device))
+                hidden = model(batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
+                               **_packed_args(batch, device))
                 loss = fused_linear_cross_entropy(hidden, model.lm_head.weight, batch["targets"].to(device),
                                                   reduction="sum", num_items=num_items, kernels=cfg.train.kernels)
             loss.backward()
@@ -294,6 +324,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         state["tokens"] += tokens
         state["response_tokens"] += num_items
         window["tokens"] += tokens
+        window["slots"] += sum(b["input_ids"].numel() for b in micro)
         window["response"] += num_items
         window["loss"] += step_loss
         window["n"] += 1
@@ -305,10 +336,12 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             record = {"kind": "train", "step": step, "epoch": state["epoch"], "loss": window["loss"] / window["n"],
                       "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                       "tokens_per_s": window["tokens"] / elapsed, "response_tokens_per_s": window["response"] / elapsed,
-                      "peak_memory_bytes": peak_memory_bytes(device), "skipped_steps": state["skipped_steps"]}
+                      "peak_memory_bytes": peak_memory_bytes(device), "skipped_steps": state["skipped_steps"],
+                      # real tokens / token slots of the batches (packed rows or padded records)
+                      "packing_efficiency": window["tokens"] / max(window["slots"], 1)}
             metrics.write(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            window = {"t": time.time(), "tokens": 0, "response": 0, "loss": 0.0, "n": 0}
+            window = {"t": time.time(), "tokens": 0, "slots": 0, "response": 0, "loss": 0.0, "n": 0}
         if cfg.eval.every and step % cfg.eval.every == 0 and step != total_steps:
             last_eval = evaluate(step, generate=False)
             _say(f"eval step {step}: " + _eval_line(last_eval, baseline))
