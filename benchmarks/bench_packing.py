@@ -91,10 +91,24 @@ def _print_summary():
               f"{r.get('bins', '-'):>8} {eff:>10s}{'  ' + r['note'] if 'note' in r else ''}")
 
 
+def _versions() -> dict:
+    import importlib
+    import platform
+
+    out = {"python": platform.python_version()}
+    for pkg in ("numpy", "trl", "datasets", "fastsft"):
+        try:
+            out[pkg] = getattr(importlib.import_module(pkg), "__version__", "unknown")
+        except ImportError:
+            out[pkg] = None
+    out["fastsft_native"] = packing.native_available()
+    return out
+
+
 def _record(benchmark, name, seconds=None, **info):
     seconds = benchmark.stats.stats.min if seconds is None else seconds
     info["seconds"] = seconds
-    benchmark.extra_info.update(info)
+    benchmark.extra_info.update(info, versions=_versions())
     RESULTS[name] = info
 
 
