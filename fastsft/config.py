@@ -76,7 +76,8 @@ class DataConfig:
 class TrainConfig:
     epochs: float = _opt(1.0, "Passes over the training data (ignored when max_steps > 0).")
     max_steps: int = _opt(0, "Optimizer steps; 0: derived from epochs.")
-    micro_batch_size: int = _opt(8, "Sequences per forward/backward.")
+    micro_batch_size: int = _opt(8, "Rows per forward/backward: packed rows of data.max_seq_len tokens, or one "
+                                    "record a row when data.packing is false.")
     grad_accum: int = _opt(1, "Micro-batches per optimizer step.")
     lr: float = _opt(2e-4, "Peak learning rate.")
     schedule: str = _opt("cosine", "Learning-rate schedule after warmup.", ("cosine", "linear", "constant"))
@@ -86,7 +87,7 @@ class TrainConfig:
     adam_betas: list = _opt([0.9, 0.999], "AdamW betas.")
     adam_eps: float = _opt(1e-8, "AdamW epsilon.")
     max_grad_norm: float = _opt(1.0, "Gradient clipping by global norm; 0 disables.")
-    group_by_length: bool = _opt(True, "Batch sequences of similar length together (less padding).")
+    group_by_length: bool = _opt(True, "Without packing: batch records of similar length together (less padding).")
     seed: int = _opt(0, "Seed for model init, LoRA init, data order and dropout.")
     device: str = _opt("auto", "auto = cuda when available, else cpu.", ("auto", "cpu", "cuda"))
     precision: str = _opt("auto", "Autocast precision; auto = bf16 on CUDA, fp32 on CPU.", ("auto", "bf16", "fp32"))
