@@ -9,6 +9,7 @@ never logits: the loss owns the LM-head matmul (see `CausalLM.logits`).
 from __future__ import annotations
 
 import math
+import warnings
 from functools import lru_cache
 from typing import Callable, NamedTuple, Optional, Union
 
@@ -262,12 +263,48 @@ class VarlenArgs(NamedTuple):
         return self.fn(q, k, v, cu, cu, m, m, window_size=ws, enable_gqa=k.shape[1] != q.shape[1])
 
 
+@lru_cache(maxsize=None)
+def _varlen_kernel_checked(device: torch.device, dtype: torch.dtype) -> Optional[tuple[str, Callable]]:
+    """The varlen kernel, once it has matched the mask path on a tiny packed problem on this device.
+
+    The kernels' Python signatures and window conventions move between torch / flash-attn releases,
+    and a mismatch would silently train on wrong attention; one small check per process (two
+    sequences, GQA, with and without a window) turns that into a warning and the mask path.
+    """
+    kernel = _varlen_kernel()
+    if kernel is None:
+        return None
+    g = torch.Generator().manual_seed(0)
+    lens, heads, kv_heads, head_dim = (5, 3), 4, 2, 64
+    n = sum(lens)
+    q, k, v = (torch.randn(n, h, head_dim, generator=g).to(device, dtype) for h in (heads, kv_heads, kv_heads))
+    cu = torch.tensor([0, lens[0], n], dtype=torch.int32, device=device)
+    args = VarlenArgs(cu, max(lens), kernel[0], kernel[1])
+    seq = _packed_seq_ids(cu, 1, n)
+    rep = heads // kv_heads
+    qf, kf, vf = (t.float().transpose(0, 1)[None] for t in (q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)))
+    try:
+        for window in (None, 2):
+            got = args.attend(q, k, v, window).float()
+            mask = _build_packed_mask(seq, None, window)
+            want = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask)[0].transpose(0, 1)
+            if not torch.allclose(got, want, atol=3e-2, rtol=3e-2):
+                raise AssertionError(f"max error {float((got - want).abs().max()):.3g} (window={window})")
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:  # a signature or convention this code does not know: use the mask path
+        warnings.warn(f"fastsft: the {kernel[0]} varlen attention kernel failed its self-check on {device} "
+                      f"({type(e).__name__}: {e}); packed rows use the masked SDPA path instead")
+        return None
+    return kernel
+
+
 def _varlen_args(cu_seqlens: torch.Tensor, max_seqlen: Optional[int], n_tokens: int,
                  dtype: torch.dtype) -> Optional[VarlenArgs]:
     """VarlenArgs when a varlen kernel can run these tensors, else None (-> mask path)."""
     if PACKED_ATTN_BACKEND == "mask" or not _varlen_supported(cu_seqlens.device, dtype):
         return None
-    kernel = _varlen_kernel()
+    kernel = _varlen_kernel_checked(cu_seqlens.device, dtype)
     if kernel is None:
         return None
     cu = cu_seqlens.to(torch.int32)

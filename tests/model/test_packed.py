@@ -223,6 +223,7 @@ def test_varlen_plumbing_with_reference_kernel(kind, monkeypatch):
     m = _model(kind)
     monkeypatch.setattr(llama, "_varlen_supported", lambda device, dtype: True)
     monkeypatch.setattr(llama, "_varlen_kernel", lambda: ("torch", _reference_varlen))
+    llama._varlen_kernel_checked.cache_clear()
     rows = [_seqs([5, 13, 1], seed=9), _seqs([9, 1, 6], seed=10)]
     ids, pos, cu = _pack_rows(rows, 24)
     with torch.no_grad():
@@ -232,3 +233,27 @@ def test_varlen_plumbing_with_reference_kernel(kind, monkeypatch):
     monkeypatch.setattr(llama, "PACKED_ATTN_BACKEND", "mask")
     with torch.no_grad():
         torch.testing.assert_close(m(ids, position_ids=pos, cu_seqlens=cu), h, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("broken", ["wrong-signature", "wrong-window"])
+def test_varlen_kernel_failing_its_self_check_falls_back_to_the_mask(broken, monkeypatch):
+    """A kernel whose signature or window convention differs is caught once, with a warning."""
+    def bad_kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False):
+        if broken == "wrong-signature":
+            raise TypeError("varlen_attn() got an unexpected keyword argument 'window_size'")
+        return _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, -1), enable_gqa=enable_gqa)
+
+    m = _model("llama")
+    rows = [_seqs([5, 13, 1], seed=9)]
+    ids, pos, cu = _pack_rows(rows, 24)
+    with torch.no_grad():
+        want = m(ids, position_ids=pos, cu_seqlens=cu)
+    monkeypatch.setattr(llama, "_varlen_supported", lambda device, dtype: True)
+    monkeypatch.setattr(llama, "_varlen_kernel", lambda: ("torch", bad_kernel))
+    llama._varlen_kernel_checked.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="failed its self-check"), torch.no_grad():
+            got = m(ids, position_ids=pos, cu_seqlens=cu)
+    finally:
+        llama._varlen_kernel_checked.cache_clear()
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
