@@ -23,9 +23,10 @@ tests and benchmarks. The kernel runs on CPU tensors only under ``TRITON_INTERPR
 
 from __future__ import annotations
 
-import os
-
 import contextlib
+import functools
+import os
+import warnings
 
 import torch
 import torch.nn as nn
@@ -55,7 +56,7 @@ def _use_kernel(hidden: torch.Tensor, kernels: str) -> bool:
     if _impl_override is not None:
         use = _impl_override == "kernel"
     elif kernels == "auto":
-        return hidden.is_cuda and triton_available()
+        return hidden.is_cuda and triton_available() and _kernel_self_check(hidden.device, hidden.dtype)
     else:
         use = kernels == "on"
     if use and not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
@@ -64,6 +65,44 @@ def _use_kernel(hidden: torch.Tensor, kernels: str) -> bool:
     if use and not triton_available():
         raise ValueError("kernels='on' needs triton installed")
     return use
+
+@functools.lru_cache(maxsize=None)
+def _kernel_self_check(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the Triton kernel matches the reference on a small problem on this device and dtype.
+
+    ``kernels="auto"`` trusts the kernel only after this check (once per process and device/dtype), so
+    a Triton version or device it was never run on degrades to the reference path with a warning
+    instead of a crash or a wrong loss. ``kernels="on"`` skips the check.
+    """
+    g = torch.Generator().manual_seed(0)
+    n, d, v = 37, 64, 300  # awkward sizes: a ragged V tile, some ignored rows
+    h = torch.randn(n, d, generator=g)
+    w = torch.randn(v, d, generator=g) / d**0.5
+    y = torch.randint(0, v, (n,), generator=g)
+    y[::5] = -100
+
+    def run(impl, dt):
+        hh = h.to(device, dt).requires_grad_()
+        ww = w.to(device, dt).requires_grad_()
+        with use_implementation(impl):
+            loss = fused_linear_cross_entropy(hh, ww, y.to(device))
+        loss.backward()
+        return [t.detach().float().cpu() for t in (loss, hh.grad, ww.grad)]
+
+    try:
+        got, want = run("kernel", dtype), run("reference", torch.float32)
+        for name, a, b in zip(("loss", "grad_hidden", "grad_weight"), got, want):
+            err = float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
+            if not err < 5e-2:  # bf16 inputs are good to ~1e-2 relative here; NaN fails too
+                raise AssertionError(f"{name} differs from the reference by {err:.3g} (relative)")
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:
+        warnings.warn(f"fastsft: the Triton fused cross-entropy failed its self-check on {device} ({dtype}): "
+                      f"{type(e).__name__}: {e}; using the PyTorch reference path")
+        return False
+    return True
+
 
 # One chunk of float32 logits (rows x V) plus its softmax stays under this many bytes: 256 MiB keeps
 # the reference usable at V=152k (~440 rows a chunk) without the chunk loop dominating small V.

@@ -131,3 +131,28 @@ def test_return_z_loss_and_bad_arguments():
         fused_linear_cross_entropy(hidden, weight, labels, reduction="avg")
     with pytest.raises(ValueError, match="disagree"):
         fused_linear_cross_entropy(hidden, weight, labels[:-1])
+
+
+def test_auto_mode_self_check_passes_and_catches_a_broken_kernel(monkeypatch):
+    """kernels="auto" trusts the Triton kernel only after it matched the reference on the device."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs Triton's interpreter (tests/conftest.py sets it on CPU machines)")
+    from fastsft.kernels import fused_linear_cross_entropy as flce
+
+    loss_mod._kernel_self_check.cache_clear()
+    try:
+        assert loss_mod._kernel_self_check(torch.device("cpu"), torch.float32)
+        loss_mod._kernel_self_check.cache_clear()
+        real = flce.cross_entropy_rows
+
+        def wrong(*args, **kwargs):  # e.g. a Triton version that miscompiles: losses off by 10%
+            loss, lse, z = real(*args, **kwargs)
+            return loss * 1.1, lse, z
+
+        monkeypatch.setattr(flce, "cross_entropy_rows", wrong)
+        with pytest.warns(UserWarning, match="failed its self-check"):
+            assert not loss_mod._kernel_self_check(torch.device("cpu"), torch.float32)
+    finally:
+        loss_mod._kernel_self_check.cache_clear()
