@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import importlib
 import json
 import platform
@@ -31,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+import _results  # benchmarks/_results.py (the script's own directory is on sys.path)
 import torch
 import torch.nn.functional as F
 
@@ -180,16 +180,6 @@ def matmul_tflops(device, dtype, size=8192, reps=10) -> float:
     return 2 * size**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
-def versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for pkg in ("triton", "transformers", "liger_kernel", "cut_cross_entropy", "fastsft"):
-        try:
-            out[pkg] = getattr(importlib.import_module(pkg), "__version__", "unknown")
-        except Exception:
-            out[pkg] = None
-    return out
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks that the script runs")
@@ -228,18 +218,12 @@ def main(argv=None) -> int:
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     result = {
-        "benchmark": "fused_linear_cross_entropy", "device": device_name, "dtype": str(dtype),
-        "matmul_tflops": rate, "versions": versions(), "missing_providers": missing,
-        "command": " ".join([Path(sys.executable).name] + sys.argv), "date": dt.date.today().isoformat(),
-        "rows": rows,
+        **_results.header("fused_linear_cross_entropy", device_name), "dtype": str(dtype),
+        "matmul_tflops": rate, "missing_providers": missing, "rows": rows,
+        "versions": {**_results.versions("triton", "transformers", "liger_kernel", "cut_cross_entropy",
+                                         "fastsft"), "torch": torch.__version__},
     }
-    if args.out is None and not args.smoke:
-        slug = device_name.replace(" ", "-").lower()
-        args.out = Path(__file__).parent / "results" / f"{result['date']}-{slug}-fused-ce.json"
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
-        print(f"wrote {args.out}")
+    _results.write(result, args.out, smoke=args.smoke, suffix="fused-ce")
     return 0
 
 

@@ -27,6 +27,7 @@ import json
 import time
 from pathlib import Path
 
+import _results  # benchmarks/_results.py (pytest puts this directory on sys.path)
 import numpy as np
 import pytest
 
@@ -92,17 +93,7 @@ def _print_summary():
 
 
 def _versions() -> dict:
-    import importlib
-    import platform
-
-    out = {"python": platform.python_version()}
-    for pkg in ("numpy", "trl", "datasets", "fastsft"):
-        try:
-            out[pkg] = getattr(importlib.import_module(pkg), "__version__", "unknown")
-        except ImportError:
-            out[pkg] = None
-    out["fastsft_native"] = packing.native_available()
-    return out
+    return {**_results.versions("numpy", "trl", "datasets", "fastsft"), "fastsft_native": packing.native_available()}
 
 
 def _record(benchmark, name, seconds=None, **info):

@@ -20,7 +20,6 @@ benchmarks/results/<date>-<device>-packing-assembly.json (or --out).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import platform
 import statistics
@@ -29,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import _results  # benchmarks/_results.py (the script's own directory is on sys.path)
 import torch
 
 from fastsft import packing, packing_cuda
@@ -156,20 +156,12 @@ def main(argv=None) -> int:
         device_name = platform.processor() or "cpu"
 
     result = {
-        "benchmark": "packing_assembly", "device": device_name,
-        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "numpy": np.__version__,
-                     "python": platform.python_version()},
-        "command": " ".join([Path(sys.executable).name] + sys.argv), "date": dt.date.today().isoformat(),
+        **_results.header("packing_assembly", device_name),
+        "versions": {**_results.versions("numpy", "fastsft"), "torch": torch.__version__, "cuda": torch.version.cuda},
         "shape": {"rows": len(bins), "width": args.width, "real_tokens": real_tokens,
                   "items": int(plan.bin_offsets[len(bins)]) if bins else 0}, "reps": args.reps, "rows": rows,
     }
-    if args.out is None and not args.smoke:
-        slug = device_name.replace(" ", "-").lower()
-        args.out = Path(__file__).parent / "results" / f"{result['date']}-{slug}-packing-assembly.json"
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
-        print(f"wrote {args.out}")
+    _results.write(result, args.out, smoke=args.smoke, suffix="packing-assembly")
     return 0
 
 
