@@ -285,8 +285,12 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     baseline = None
     if eval_store is not None and cfg.eval.exact_match:
         baseline = majority_baseline(tokenizer, train_store, eval_store, n=cfg.eval.exact_match)
-    first_eval = evaluate(state["step"])
-    _say("eval before: " + _eval_line(first_eval, baseline))
+    before = [r for r in metrics.read() if r.get("kind") == "eval" and r["step"] == 0]
+    if resume_from is not None and before:
+        first_eval = before[0]  # the interrupted run already evaluated the untrained model
+    else:
+        first_eval = evaluate(state["step"])
+        _say("eval before: " + _eval_line(first_eval, baseline))
 
     # ---- the loop -----------------------------------------------------------------------------------
     stream = _batch_stream(plan_epoch, state["epoch"], state["batch_in_epoch"])

@@ -76,6 +76,10 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch):
     steps = [json.loads(l)["step"] for l in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()
              if json.loads(l)["kind"] == "train"]
     assert steps == sorted(set(steps))  # no duplicated steps in the log after resuming
+    evals = [json.loads(l)["step"] for l in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(l)["kind"] == "eval"]
+    assert evals == sorted(set(evals)) and evals[0] == 0
+    assert summary["eval_before"]["step"] == 0
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path):
