@@ -1,0 +1,105 @@
+"""The Triton SwiGLU against ``swiglu_ref``, forward and backward.
+
+Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
+Element counts are not multiples of the 1024 tile, so the last program is masked.
+"""
+
+import pytest
+import torch
+import triton.language as tl
+
+from fastsft.kernels import swiglu as swiglu_mod
+from fastsft.kernels.swiglu import SwiGLUFunction, swiglu, swiglu_ref
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+RUNS_HERE = CUDA or type(tl.sum).__name__ == "InterpretedFunction"
+cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (bf16 in Triton's interpreter is unreliable)")
+
+
+@pytest.fixture(autouse=True)
+def interpreter_or_gpu():
+    if not RUNS_HERE:
+        pytest.fail("triton was imported before TRITON_INTERPRET was set (see tests/conftest.py)")
+
+
+def _inputs(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    gate = torch.randn(shape, generator=g) * 4  # well into both tails of the sigmoid
+    up = torch.randn(shape, generator=g)
+    dy = torch.randn(shape, generator=g)
+    return gate.to(DEVICE, dtype), up.to(DEVICE, dtype), dy.to(DEVICE)
+
+
+def _run(fn, gate, up, dy):
+    gate, up = gate.detach().clone().requires_grad_(), up.detach().clone().requires_grad_()
+    y = fn(gate, up)
+    y.backward(dy.to(y.dtype))
+    return y, gate.grad, up.grad
+
+
+def _err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def test_ref_matches_float64_formula():
+    gate, up, dy = _inputs((7, 33), torch.float64)
+    a, u = gate.clone().requires_grad_(), up.clone().requires_grad_()
+    want = a / (1 + torch.exp(-a)) * u
+    want.backward(dy)
+    for x, w in zip(_run(swiglu_ref, gate, up, dy), (want, a.grad, u.grad)):
+        torch.testing.assert_close(x, w, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(37, 48), (3, 5, 123), (2, 1100), (1,)], ids=str)
+def test_fp32_matches_ref(shape):
+    gate, up, dy = _inputs(shape, torch.float32, seed=sum(shape))
+    got = _run(swiglu, gate, up, dy)
+    want = _run(swiglu_ref, gate.double(), up.double(), dy.double())
+    assert got[0].dtype == torch.float32 and got[0].shape == gate.shape
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5)
+
+
+def test_fp16_no_worse_than_torch():
+    gate, up, dy = _inputs((37, 100), torch.float16, seed=3)
+    want = _run(swiglu_ref, gate.double(), up.double(), dy.double())
+    torch16 = _run(lambda a, b: torch.nn.functional.silu(a) * b, gate, up, dy)  # eager fp16, as HF runs it
+    got = _run(swiglu, gate, up, dy)
+    for g, t, r in zip(got, torch16, want):
+        assert g.dtype == torch.float16
+        assert _err(g, r) <= 2 * _err(t, r) + 1e-3 * r.abs().max().item(), (_err(g, r), _err(t, r))
+
+
+def test_non_contiguous_halves_of_a_fused_projection():
+    gate_up, _, dy = _inputs((9, 2 * 48), torch.float32, seed=4)
+    gate, up = gate_up.chunk(2, dim=-1)  # views with row stride 96
+    got = _run(swiglu, gate, up, dy[:, :48])
+    want = _run(swiglu_ref, gate.double(), up.double(), dy[:, :48].double())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5)
+
+
+def test_saves_only_inputs_and_partial_grads():
+    gate, up, dy = _inputs((4, 48), torch.float32, seed=5)
+    g = gate.clone().requires_grad_()
+    y = swiglu(g, up)
+    assert len(y.grad_fn.saved_tensors) == 2
+    y.backward(dy)
+    assert g.grad is not None and up.grad is None
+    with pytest.raises(ValueError, match="same shape"):
+        SwiGLUFunction.apply(gate, up[:, :5])
+    assert swiglu(gate[:0], up[:0]).shape == (0, 48)
+    assert swiglu_mod.BLOCK_SIZE == 1024
+
+
+@cuda_only
+@pytest.mark.parametrize("shape", [(257, 14336), (37, 123)], ids=str)
+def test_bf16_no_worse_than_torch(shape):
+    gate, up, dy = _inputs(shape, torch.bfloat16, seed=8)
+    want = _run(swiglu_ref, gate.double(), up.double(), dy.double())
+    tb = _run(lambda a, b: torch.nn.functional.silu(a) * b, gate, up, dy)
+    got = _run(swiglu, gate, up, dy)
+    for g, t, r in zip(got, tb, want):
+        assert g.dtype == torch.bfloat16
+        assert _err(g, r) <= 2 * _err(t, r) + 1e-2 * r.abs().max().item(), (_err(g, r), _err(t, r))
