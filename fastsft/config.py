@@ -39,6 +39,8 @@ class ModelConfig:
     dtype: str = _opt("auto", "Weight dtype; auto = bfloat16 on CUDA, float32 on CPU.",
                       ("auto", "float32", "bfloat16", "float16"))
     gradient_checkpointing: bool = _opt(False, "Recompute each decoder layer in the backward to save activation memory.")
+    load_in_4bit: bool = _opt(False, "QLoRA: quantize the frozen base's linear layers (lora.target_modules) to "
+                                     "bitsandbytes NF4 (blocksize 64, double quantization) at load time.")
 
 
 @dataclass

@@ -238,7 +238,10 @@ class LoRALinear(nn.Module):
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) and not isinstance(module, LoRALinear)
+    """A dense ``nn.Linear``, or a frozen quantized one (``NF4Linear`` sets ``quantized_base``)."""
+    if isinstance(module, LoRALinear):
+        return False
+    return isinstance(module, nn.Linear) or getattr(module, "quantized_base", False)
 
 
 def _output_head_names(model: nn.Module) -> set[str]:

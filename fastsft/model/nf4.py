@@ -106,6 +106,9 @@ class NF4Linear(nn.Module):
         double_quant: whether absmax is itself 8-bit quantised (bnb ``compress_statistics``).
     """
 
+    # LoRA wraps any layer that says it is a frozen quantized linear (fastsft.model.lora._is_linear)
+    quantized_base = True
+
     def __init__(
         self,
         in_features: int,
@@ -295,3 +298,20 @@ class NF4Linear(nn.Module):
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
         y = _NF4LinearFunction.apply(x.to(self.compute_dtype), self, bias)
         return y.to(x.dtype)
+
+
+@torch.no_grad()
+def quantize_linears(model: nn.Module, target_modules, compute_dtype: torch.dtype) -> list[str]:
+    """Replace every ``nn.Linear`` whose last name component is in ``target_modules`` by an NF4Linear,
+    one layer at a time (each dense weight is freed as soon as its layer is quantized). The LM head
+    and embeddings stay in full precision. Returns the replaced module names."""
+    targets = set(target_modules)
+    names = [n for n, m in model.named_modules()
+             if type(m) is nn.Linear and n.rsplit(".", 1)[-1] in targets and n != "lm_head"]
+    if not names:
+        raise ValueError(f"load_in_4bit: no linear layer named {sorted(targets)} to quantize")
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, NF4Linear.from_linear(getattr(parent, child), compute_dtype))
+    return names

@@ -190,16 +190,24 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         raise ConfigError(f"tokenizer '{tokenizer_spec}' produces token id {max_id} but "
                           f"the model's vocabulary has {vocab} entries; use the model's own tokenizer")
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
+    if cfg.model.load_in_4bit:
+        if not cfg.lora.enabled:
+            raise ConfigError("config key 'model.load_in_4bit' needs lora.enabled: a 4-bit base is frozen")
+        from fastsft.model.nf4 import quantize_linears
+
+        quantize_linears(model, cfg.lora.target_modules, compute_dtype=dtype)
     if cfg.lora.enabled:
         apply_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                    target_modules=cfg.lora.target_modules, use_rslora=cfg.lora.rslora, seed=cfg.train.seed)
     params = trainable_parameters(model)
     for p in params:  # optimizer state and updates in float32 even when the frozen base is bf16
         p.data = p.data.float()
-    n_total = sum(p.numel() for p in model.parameters())
+    quantized = [m for m in model.modules() if getattr(m, "quantized_base", False)]
+    n_total = sum(p.numel() for p in model.parameters()) + sum(m.in_features * m.out_features for m in quantized)
     n_train = sum(p.numel() for p in params)
     _say(f"model: {n_total / 1e6:.2f}M parameters, {n_train / 1e6:.3f}M trainable "
-         f"({'LoRA r=%d' % cfg.lora.r if cfg.lora.enabled else 'full fine-tune'}) on {device}")
+         f"({'LoRA r=%d' % cfg.lora.r if cfg.lora.enabled else 'full fine-tune'}"
+         f"{', %d linear layers in 4-bit NF4' % len(quantized) if quantized else ''}) on {device}")
     model.train()
 
     # ---- batching: packed bins of max_seq_len tokens, or one padded record a row ---------------------
