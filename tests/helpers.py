@@ -13,3 +13,11 @@ def save_tiny_hf_llama(path, *, vocab_size: int, tie: bool = False, seed: int = 
                                    max_position_embeddings=64, tie_word_embeddings=tie, rms_norm_eps=1e-6)
     transformers.LlamaForCausalLM(cfg).to(torch.float32).save_pretrained(path)
     return path
+
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()

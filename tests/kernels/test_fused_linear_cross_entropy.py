@@ -7,24 +7,19 @@ so that several V tiles and several row chunks run, the last of each ragged.
 
 import pytest
 import torch
+from helpers import CUDA, DEVICE
+from helpers import max_abs_err as _err
 import torch.nn.functional as F
-import triton.language as tl
 
 from fastsft import loss as loss_mod
 from fastsft.kernels import fused_linear_cross_entropy as flce
 from fastsft.loss import fused_linear_cross_entropy, use_implementation
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-# the interpreter works only if triton's own @jit library (tl.sum, tl.max) was built for it
-RUNS_HERE = CUDA or type(tl.sum).__name__ == "InterpretedFunction"
 cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (bf16 in Triton's interpreter is unreliable)")
 
 
 @pytest.fixture(autouse=True)
 def small_tiles_and_chunks(request, monkeypatch):
-    if not RUNS_HERE:
-        pytest.fail("triton was imported before TRITON_INTERPRET was set (see tests/conftest.py)")
     # 32-wide V tiles: V=133 is 5 tiles, the last ragged; 5-row chunks: several, the last ragged
     monkeypatch.setattr(flce, "MAX_BLOCK_V", 32)
     monkeypatch.setattr(flce, "_chunk_rows", lambda vocab, dtype: 5)
@@ -185,10 +180,6 @@ def _torch_fp16_error_bound(opts, trainable):
     torch16, torch16_grads = _run(reference, _leaves((hidden, weight, b), torch.float16, trainable), labels,
                                   opts, grad_out)
     return (hidden, weight, b, labels, grad_out), (ref, ref_grads), (torch16, torch16_grads)
-
-
-def _err(a, b):
-    return (a.double() - b.double()).abs().max().item()
 
 
 @pytest.mark.parametrize("opts", [{}, {"reduction": "none"},

@@ -9,28 +9,19 @@ every dtype everywhere.
 
 import pytest
 import torch
-import triton.language as tl
+from helpers import CUDA, DEVICE
 
 bnbF = pytest.importorskip("bitsandbytes.functional")
 
 from fastsft.kernels import nf4 as nf4_mod  # noqa: E402
 from fastsft.kernels.nf4 import NF4_CODE, nf4_dequantize, nf4_dequantize_ref  # noqa: E402
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-RUNS_HERE = CUDA or type(tl.sum).__name__ == "InterpretedFunction"
 cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (the interpreter truncates fp32 -> bf16)")
 
 # (96, 200): 300 blocks, so 2 second-level blocks, the last short; (37, 128): 74 blocks; (33, 50): n not a
 # multiple of 64 (ragged last block); (5, 7): odd n (last byte half used, bnb's odd-last-dim path)
 SHAPES = [(96, 200), (37, 128), (33, 50), (5, 7)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-@pytest.fixture(autouse=True)
-def _interpreter_check():
-    if not RUNS_HERE:
-        pytest.fail("triton was imported before TRITON_INTERPRET was set (see tests/conftest.py)")
 
 
 def _quantize(shape, dtype, double_quant, seed=0):

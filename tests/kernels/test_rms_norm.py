@@ -6,20 +6,12 @@ Shapes stay small: odd row counts and hidden sizes that are not powers of two (m
 
 import pytest
 import torch
-import triton.language as tl
+from helpers import CUDA, DEVICE
+from helpers import max_abs_err as _err
 
 from fastsft.kernels.rms_norm import RMSNormFunction, rms_norm, rms_norm_ref
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-RUNS_HERE = CUDA or type(tl.sum).__name__ == "InterpretedFunction"
 cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (bf16 in Triton's interpreter is unreliable)")
-
-
-@pytest.fixture(autouse=True)
-def interpreter_or_gpu():
-    if not RUNS_HERE:
-        pytest.fail("triton was imported before TRITON_INTERPRET was set (see tests/conftest.py)")
 
 
 def _inputs(shape, dtype, seed=0, w_dtype=None):
@@ -35,10 +27,6 @@ def _run(fn, x, w, dy, eps=1e-6):
     y = fn(x, w, eps)
     y.backward(dy.to(y.dtype))
     return y, x.grad, w.grad
-
-
-def _err(a, b):
-    return (a.double() - b.double()).abs().max().item()
 
 
 def test_ref_matches_float64_formula_and_hf():

@@ -6,20 +6,12 @@ Head dims 24 (half 12, a masked 16-wide tile) and 64; query heads 3 or 4 against
 
 import pytest
 import torch
-import triton.language as tl
+from helpers import CUDA, DEVICE
+from helpers import max_abs_err as _err
 
 from fastsft.kernels.rope import RoPEFunction, apply_rope, apply_rope_ref
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-RUNS_HERE = CUDA or type(tl.sum).__name__ == "InterpretedFunction"
 cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (bf16 in Triton's interpreter is unreliable)")
-
-
-@pytest.fixture(autouse=True)
-def interpreter_or_gpu():
-    if not RUNS_HERE:
-        pytest.fail("triton was imported before TRITON_INTERPRET was set (see tests/conftest.py)")
 
 
 def cos_sin(position_ids, hd, base=10000.0):
@@ -44,10 +36,6 @@ def _run(fn, q, k, cos, sin, dq, dk):
     q_rot, k_rot = fn(q, k, cos, sin)
     torch.autograd.backward((q_rot, k_rot), (dq.to(q_rot.dtype), dk.to(k_rot.dtype)))
     return q_rot, k_rot, q.grad, k.grad
-
-
-def _err(a, b):
-    return (a.double() - b.double()).abs().max().item()
 
 
 def test_ref_matches_complex_rotation_and_hf():

@@ -6,21 +6,13 @@ Element counts are not multiples of the 1024 tile, so the last program is masked
 
 import pytest
 import torch
-import triton.language as tl
+from helpers import CUDA, DEVICE
+from helpers import max_abs_err as _err
 
 from fastsft.kernels import swiglu as swiglu_mod
 from fastsft.kernels.swiglu import SwiGLUFunction, swiglu, swiglu_ref
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-RUNS_HERE = CUDA or type(tl.sum).__name__ == "InterpretedFunction"
 cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (bf16 in Triton's interpreter is unreliable)")
-
-
-@pytest.fixture(autouse=True)
-def interpreter_or_gpu():
-    if not RUNS_HERE:
-        pytest.fail("triton was imported before TRITON_INTERPRET was set (see tests/conftest.py)")
 
 
 def _inputs(shape, dtype, seed=0):
@@ -36,10 +28,6 @@ def _run(fn, gate, up, dy):
     y = fn(gate, up)
     y.backward(dy.to(y.dtype))
     return y, gate.grad, up.grad
-
-
-def _err(a, b):
-    return (a.double() - b.double()).abs().max().item()
 
 
 def test_ref_matches_float64_formula():
