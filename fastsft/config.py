@@ -18,6 +18,9 @@ from typing import Any
 import yaml
 
 
+KERNEL_PIECES = ("loss", "lora", "rms_norm", "rope", "swiglu")
+
+
 class ConfigError(ValueError):
     """A bad configuration key or value; the message names the key."""
 
@@ -97,6 +100,9 @@ class TrainConfig:
     kernels: str = _opt("auto", "Native kernels (fused loss): auto = Triton on CUDA, on = always (CPU needs "
                                 "TRITON_INTERPRET=1), off = the plain PyTorch paths (the ablation).",
                         ("auto", "on", "off"))
+    kernels_off: list = _opt([], "Native pieces switched off one by one (benchmark ablation), any of: "
+                                 "loss (fused linear cross-entropy), lora (fused LoRA / NF4 dequant), "
+                                 "rms_norm, rope, swiglu.")
 
 
 @dataclass
@@ -292,6 +298,8 @@ def validate(cfg: Config) -> None:
     need(cfg.data.max_seq_len >= 8, "data.max_seq_len", "must be at least 8")
     need(cfg.output.keep_checkpoints >= 1, "output.keep_checkpoints", "must be at least 1")
     need(cfg.output.log_every >= 1, "output.log_every", "must be at least 1")
+    unknown = set(cfg.train.kernels_off) - set(KERNEL_PIECES)
+    need(not unknown, "train.kernels_off", f"has unknown pieces {sorted(unknown)}; known: {', '.join(KERNEL_PIECES)}")
     for i, d in enumerate(cfg.data.datasets + cfg.data.eval_datasets):
         if isinstance(d, dict):
             extra = set(d) - {"path", "format", "fields", "weight"}

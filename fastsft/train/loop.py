@@ -120,6 +120,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     autocast = _autocast(device, cfg.train.precision)
+    loss_kernels = "off" if "loss" in cfg.train.kernels_off else cfg.train.kernels
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
@@ -273,7 +274,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         if eval_store is not None and len(eval_store):
             r = response_loss(model, eval_store, pad_id=pad_id, batch_size=cfg.eval.batch_size,
                               max_records=cfg.eval.max_records, device=device, autocast=autocast,
-                              kernels=cfg.train.kernels)
+                              kernels=loss_kernels)
             out.update(eval_loss=r["loss"], eval_ppl=r["ppl"])
             if cfg.eval.exact_match and generate:
                 em = exact_match(model, tokenizer, eval_store, n=cfg.eval.exact_match,
@@ -283,7 +284,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         if general_store is not None:
             g = response_loss(model, general_store, pad_id=pad_id, batch_size=cfg.eval.batch_size,
                               max_records=cfg.eval.max_records, device=device, autocast=autocast,
-                              kernels=cfg.train.kernels)
+                              kernels=loss_kernels)
             out.update(general_ppl=g["ppl"])
             if "eval_ppl" in out:
                 out["ppl_ratio"] = out["eval_ppl"] / g["ppl"]  # instruction PPL / general PPL
@@ -320,7 +321,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
                 hidden = model(batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
                                **_packed_args(batch, device))
                 loss = fused_linear_cross_entropy(hidden, model.lm_head.weight, batch["targets"].to(device),
-                                                  reduction="sum", num_items=num_items, kernels=cfg.train.kernels)
+                                                  reduction="sum", num_items=num_items, kernels=loss_kernels)
             loss.backward()
             step_loss += float(loss.detach())
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
