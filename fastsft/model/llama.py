@@ -16,9 +16,10 @@ from typing import Callable, NamedTuple, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from .checkpointing import checkpoint_layer
 from .config import ModelConfig
+from .fused import KernelChoice
 
 __all__ = ["RMSNorm", "RotaryEmbedding", "Attention", "MLP", "DecoderLayer", "Backbone", "CausalLM",
            "build_model", "compute_inv_freq", "rotate_half", "apply_rotary_pos_emb"]
@@ -98,7 +99,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.variance_epsilon = eps
 
+    kernel_choice = KernelChoice()  # fastsft.model.fused.configure_kernels sets it per model
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel_choice.use("rms_norm", x):
+            from fastsft.kernels.rms_norm import rms_norm
+
+            return rms_norm(x, self.weight, self.variance_epsilon)
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
@@ -128,28 +135,48 @@ class Attention(nn.Module):
             self.q_norm = None
             self.k_norm = None
 
+    kernel_choice = KernelChoice()
+
+    def _project_qkv(self, x):
+        """q, k, v projections: one fused LoRA node when all three are LoRA layers alike."""
+        q, k, v = self.q_proj, self.k_proj, self.v_proj
+        if _same_lora(q, k, v) and self.kernel_choice.use("lora", x):
+            from fastsft.kernels.lora import lora_proj, lora_qkv
+
+            ps = [lora_proj(m) for m in (q, k, v)]
+            return lora_qkv(x, [p.weight for p in ps], [p.bias for p in ps], [p.lora_A for p in ps],
+                            [p.lora_B for p in ps], q.scaling, q.lora_dropout_p, q.training)
+        return q(x), k(x), v(x)
+
+    def _rotate(self, q, k, cos, sin):
+        """RoPE on q [B, T, H, hd] and k [B, T, Hkv, hd] with per-token cos/sin [B, T, hd]."""
+        if self.kernel_choice.use("rope", q):
+            from fastsft.kernels.rope import apply_rope
+
+            return apply_rope(q, k, cos, sin)
+        c, s = cos.unsqueeze(2), sin.unsqueeze(2)
+        return q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
+
     def forward(self, x, cos, sin, attn_mask: Union[None, torch.Tensor, "VarlenArgs"]):
         """attn_mask: None -> plain causal (SDPA is_causal fast path); a bool [B|1, 1, T, T]
         tensor -> SDPA with that mask; a `VarlenArgs` -> packed varlen kernel (CUDA only)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k, v = self._project_qkv(x)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q = self.q_norm(q)
             k = self.k_norm(k)
+        q, k = self._rotate(q, k, cos, sin)
         if isinstance(attn_mask, VarlenArgs):
-            # Packed rows on the varlen kernel: [B*T, H, D] token-major, RoPE applied in place.
-            c, s = cos.unsqueeze(2), sin.unsqueeze(2)
-            q = q * c + rotate_half(q) * s
-            k = k * c + rotate_half(k) * s
+            # Packed rows on the varlen kernel: [B*T, H, D] token-major.
             out = attn_mask.attend(q.reshape(B * T, self.num_heads, self.head_dim),
                                    k.reshape(B * T, self.num_kv_heads, self.head_dim),
                                    v.reshape(B * T, self.num_kv_heads, self.head_dim),
                                    self.sliding_window)
             return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
         gqa = self.num_kv_heads != self.num_heads
         if attn_mask is None:
             # Fast path: flash attention handles causal GQA natively.
@@ -174,8 +201,31 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(h, i, bias=config.mlp_bias)
         self.down_proj = nn.Linear(i, h, bias=config.mlp_bias)
 
+    kernel_choice = KernelChoice()
+
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up, down = self.gate_proj, self.up_proj, self.down_proj
+        if _same_lora(gate, up, down) and self.kernel_choice.use("lora", x):
+            # one node for the block; silu(g) * u recomputed in the backward, no dense W saved
+            from fastsft.kernels.lora import lora_mlp, lora_proj
+
+            return lora_mlp(x, lora_proj(gate), lora_proj(up), lora_proj(down), gate.scaling,
+                            gate.lora_dropout_p, gate.training)
+        g, u = gate(x), up(x)
+        if self.kernel_choice.use("swiglu", g):
+            from fastsft.kernels.swiglu import swiglu
+
+            return down(swiglu(g, u))
+        return down(F.silu(g) * u)
+
+
+def _same_lora(*modules) -> bool:
+    """All LoRA layers with one scaling and dropout (what a fused block computes with)."""
+    if not all(hasattr(m, "lora_A") and hasattr(m, "base_layer") for m in modules):
+        return False
+    first = modules[0]
+    return all(m.scaling == first.scaling and m.lora_dropout_p == first.lora_dropout_p
+               and m.training == first.training for m in modules)
 
 
 class DecoderLayer(nn.Module):
@@ -363,6 +413,7 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
         self.gradient_checkpointing = False
+        self.offload_activations = False  # with checkpointing: saved layer inputs in pinned CPU memory
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, cu_seqlens=None, max_seqlen=None):
         if input_ids.dim() == 1:  # a single packed row given as [T] -> hidden [T, D]
@@ -400,7 +451,7 @@ class Backbone(nn.Module):
 
     def _run_layer(self, layer, h, cos, sin, mask):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
+            return checkpoint_layer(layer, h, cos, sin, mask, offload=self.offload_activations)
         return layer(h, cos, sin, mask)
 
     def _forward_packed(self, input_ids, position_ids, attention_mask, cu_seqlens, max_seqlen):
@@ -455,6 +506,15 @@ class CausalLM(nn.Module):
     @gradient_checkpointing.setter
     def gradient_checkpointing(self, value: bool) -> None:
         self.model.gradient_checkpointing = bool(value)
+
+    @property
+    def offload_activations(self) -> bool:
+        """With gradient checkpointing: keep each layer's saved input in (pinned) CPU memory."""
+        return self.model.offload_activations
+
+    @offload_activations.setter
+    def offload_activations(self, value: bool) -> None:
+        self.model.offload_activations = bool(value)
 
     # -- forward ------------------------------------------------------------
     def forward(

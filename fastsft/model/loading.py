@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
+from .nf4 import QUANT_STATE_KEY
 from .llama import CausalLM
 
 __all__ = ["load_model", "load_config", "resolve_model_dir", "save_pretrained"]
@@ -82,30 +83,97 @@ def _ignored(key: str) -> bool:
     return any(p.search(key) for p in _IGNORED_KEY_PATTERNS)
 
 
+def _bnb_quantization(d: Path) -> Optional[dict]:
+    """The checkpoint's bitsandbytes 4-bit quantization_config, None for a dense checkpoint."""
+    with open(d / "config.json", encoding="utf-8") as f:
+        qc = json.load(f).get("quantization_config")
+    if not qc:
+        return None
+    method = qc.get("quant_method")
+    if method != "bitsandbytes":
+        raise ValueError(f"{d}: quantization method {method!r} is not supported; fastsft loads dense "
+                         "(bf16/fp16/fp32) or bitsandbytes NF4 (bnb-4bit) checkpoints")
+    if qc.get("load_in_8bit") or qc.get("_load_in_8bit"):
+        raise ValueError(f"{d}: bitsandbytes 8-bit checkpoints are not supported; use the bf16 checkpoint "
+                         "with model.load_in_4bit: true, or a bnb-4bit (NF4) checkpoint")
+    if qc.get("bnb_4bit_quant_type", "nf4") != "nf4":
+        raise ValueError(f"{d}: bnb 4-bit quant type {qc.get('bnb_4bit_quant_type')!r} is not supported, only nf4")
+    if qc.get("bnb_4bit_quant_storage", "uint8") != "uint8":
+        raise ValueError(f"{d}: bnb_4bit_quant_storage {qc['bnb_4bit_quant_storage']!r} is not supported, only uint8")
+    return qc
+
+
+def _quantized_module_names(keys) -> set[str]:
+    suffix = ".weight." + QUANT_STATE_KEY
+    return {k[: -len(suffix)] for k in keys if k.endswith(suffix)}
+
+
+def _target_linear_names(model: CausalLM, target_modules) -> list[str]:
+    targets = set(target_modules)
+    names = [n for n, m in model.named_modules()
+             if type(m) is torch.nn.Linear and n.rsplit(".", 1)[-1] in targets and n != "lm_head"]
+    if not names:
+        raise ValueError(f"load_in_4bit: no linear layer named {sorted(targets)} to quantize")
+    return names
+
+
 def load_model(
     path_or_id: Union[str, os.PathLike],
     dtype: torch.dtype = torch.float32,
     device: Union[str, torch.device] = "cpu",
+    *,
+    load_in_4bit: bool = False,
+    target_modules=None,
 ) -> CausalLM:
     """Load a HF model directory (or hub id) with config.json + safetensors weights.
 
     The model is built on the meta device and each tensor is read straight from its
     safetensors file and converted to `dtype` on `device`, so no second full copy of
-    the weights is ever held."""
+    the weights is ever held.
+
+    4-bit (QLoRA) bases, as ``fastsft.model.nf4.NF4Linear`` (bitsandbytes' NF4 format):
+    - a pre-quantized ``bnb-4bit`` checkpoint (``quantization_config`` of bitsandbytes, 4-bit nf4)
+      loads as it is: every module with a ``weight.quant_state.bitsandbytes__nf4`` entry;
+    - ``load_in_4bit=True`` on a dense checkpoint quantizes the linears named in ``target_modules``
+      (short names; not the LM head) while loading, one weight at a time: each is read from disk,
+      quantized (on `device` when bitsandbytes can, else on the CPU) and only its packed form is
+      kept, so the full-precision model never exists on the device."""
     d = resolve_model_dir(path_or_id)
     if not (d / "config.json").is_file():
         raise ValueError(f"no config.json in {d}")
     config = ModelConfig.from_json(d / "config.json")
+    quantization = _bnb_quantization(d)
     files = _weight_files(d)
 
     with torch.device("meta"):
         model = CausalLM(config)
-    expected = model.state_dict()  # meta tensors: names and shapes only
+    if quantization is not None:
+        quantized = sorted(_quantized_module_names(files))
+        if not quantized:
+            raise ValueError(f"{d}: config.json says bitsandbytes 4-bit but no weight has an NF4 quant state")
+        prequantized = True
+    elif load_in_4bit:
+        quantized = _target_linear_names(model, target_modules or ())
+        prequantized = False
+    else:
+        quantized = []
+    modules = dict(model.named_modules())
+    for name in quantized:
+        if type(modules.get(name)) is not torch.nn.Linear:
+            raise ValueError(f"{d}: quantized weight {name!r} is not a linear layer of the {config.model_type} "
+                             "architecture")
+    qkeys = {f"{n}.{p}" for n in quantized for p in ("weight", "bias")}
+
+    expected = {k: v for k, v in model.state_dict().items() if k not in qkeys}  # meta: names and shapes
     tied = config.tie_word_embeddings
     if tied:
         expected.pop("lm_head.weight", None)
 
-    unexpected = [k for k in files if k not in expected and not _ignored(k) and not (tied and k == "lm_head.weight")]
+    def is_quant_state(k: str) -> bool:
+        return any(k.startswith(f"{n}.weight.") for n in quantized) if prequantized else False
+
+    unexpected = [k for k in files if k not in expected and k not in qkeys and not is_quant_state(k)
+                  and not _ignored(k) and not (tied and k == "lm_head.weight")]
     if unexpected:
         some = ", ".join(repr(k) for k in sorted(unexpected)[:5])
         more = f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
@@ -114,7 +182,7 @@ def load_model(
             f"use: {some}{more}"
         )
     where = ", ".join(sorted({str(p) for p in files.values()})) or str(d)
-    for k in expected:
+    for k in list(expected) + [f"{n}.weight" for n in quantized]:
         if k not in files:
             raise ValueError(f"missing required key {k!r} in checkpoint {where}")
 
@@ -137,6 +205,11 @@ def load_model(
                 state[k] = t.to(device=device)
                 del t
 
+    for name in quantized:
+        layer = _load_nf4_layer(modules[name], name, files, dtype, device, prequantized)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+
     model.load_state_dict(state, strict=False, assign=True)
     del state
     model.tie_weights()
@@ -145,6 +218,40 @@ def load_model(
             raise ValueError(f"parameter {name!r} was not loaded from {where}")
         p.requires_grad_(True)
     return model
+
+
+def _load_nf4_layer(meta_linear: torch.nn.Linear, name: str, files: dict, dtype, device, prequantized: bool):
+    """One NF4Linear on `device`: the checkpoint's packed weight and quant state, or the dense
+    weight quantized right here (the dense copy is dropped when this returns)."""
+    from .nf4 import NF4Linear, quantize_weight
+
+    def read(key):
+        with safe_open(str(files[key]), framework="pt", device="cpu") as f:
+            return f.get_tensor(key)
+
+    bias = read(f"{name}.bias") if f"{name}.bias" in files else None
+    if meta_linear.bias is not None and bias is None:
+        raise ValueError(f"missing required key {name + '.bias'!r} in checkpoint {files[name + '.weight']}")
+    want = tuple(meta_linear.weight.shape)
+    if prequantized:
+        prefix = f"{name}.weight."
+        qs = {k[len(prefix):]: read(k) for k in files if k.startswith(prefix)}
+        packed, qs = read(f"{name}.weight").to(device), {k: v.to(device) for k, v in qs.items()}
+    else:
+        w = read(f"{name}.weight")
+        if tuple(w.shape) != want:
+            raise ValueError(f"shape mismatch for {name + '.weight'!r} in {files[name + '.weight']}: "
+                             f"checkpoint {tuple(w.shape)}, model expects {want}")
+        packed, qs = quantize_weight(w.to(dtype), device)
+        del w
+    try:
+        layer = NF4Linear.from_quantized_state(packed, qs, bias=bias, compute_dtype=dtype)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{name}: bad 4-bit weight in {files[name + '.weight']}: {e}") from None
+    if (layer.out_features, layer.in_features) != want:
+        raise ValueError(f"shape mismatch for {name!r}: the 4-bit weight is {(layer.out_features, layer.in_features)}, "
+                         f"the model expects {want}")
+    return layer.to(device)
 
 
 def _parse_size(size: Union[int, str]) -> int:

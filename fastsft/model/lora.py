@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .fused import KernelChoice
+
 __all__ = [
     "DEFAULT_TARGET_MODULES",
     "ADAPTER_CONFIG_NAME",
@@ -177,7 +179,15 @@ class LoRALinear(nn.Module):
         x = x.to(self.lora_A.weight.dtype)
         return self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
 
+    kernel_choice = KernelChoice()  # fastsft.model.fused.configure_kernels sets it per model
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel_choice.use("lora", x):
+            # the dense (or dequantized) base weight is not kept for the backward, nor is x A^T
+            from fastsft.kernels.lora import lora_linear, lora_proj
+
+            w, a, b, bias = lora_proj(self)
+            return lora_linear(x, w, bias, a, b, self.scaling, self.lora_dropout_p, self.training)
         result = self.base_layer(x)
         return result + self.lora_delta(x).to(result.dtype)
 

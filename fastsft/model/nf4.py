@@ -35,8 +35,9 @@ from torch import nn
 
 from fastsft.kernels import triton_available
 from fastsft.kernels.nf4 import nf4_code, nf4_dequantize_ref
+from fastsft.model.fused import KernelChoice
 
-__all__ = ["NF4Linear", "QUANT_STATE_KEY"]
+__all__ = ["NF4Linear", "QUANT_STATE_KEY", "quantize_weight", "quantize_linears"]
 
 QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"
 BLOCKSIZE = 64  # weights per absmax: QLoRA's and HF's default
@@ -108,6 +109,7 @@ class NF4Linear(nn.Module):
 
     # LoRA wraps any layer that says it is a frozen quantized linear (fastsft.model.lora._is_linear)
     quantized_base = True
+    kernel_choice = KernelChoice()  # the "lora" piece covers the Triton dequantize (configure_kernels)
 
     def __init__(
         self,
@@ -160,13 +162,10 @@ class NF4Linear(nn.Module):
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16, *,
                     double_quant: bool = True) -> "NF4Linear":
-        """Quantise ``linear.weight`` (cast to ``compute_dtype``) with bitsandbytes on the CPU, then
-        move to the linear's device."""
-        import bitsandbytes.functional as bnbF
-
+        """Quantise ``linear.weight`` (cast to ``compute_dtype``) with bitsandbytes (see
+        :func:`quantize_weight`), on the linear's device."""
         device = linear.weight.device
-        w = linear.weight.detach().to(device="cpu", dtype=compute_dtype)
-        packed, qs = bnbF.quantize_4bit(w, blocksize=BLOCKSIZE, compress_statistics=double_quant, quant_type="nf4")
+        packed, qs = quantize_weight(linear.weight.detach().to(compute_dtype), device, double_quant=double_quant)
         bias = linear.bias.detach() if linear.bias is not None else None
         return cls.from_quantized_state(packed, qs, bias=bias, compute_dtype=compute_dtype).to(device)
 
@@ -283,7 +282,7 @@ class NF4Linear(nn.Module):
         ``bitsandbytes.functional.dequantize_4bit``. ``use_kernel`` defaults to "on CUDA with Triton"."""
         dtype = dtype or self.compute_dtype
         if use_kernel is None:
-            use_kernel = self.weight.is_cuda and triton_available()
+            use_kernel = self.weight.is_cuda and triton_available() and self.kernel_choice.use("lora", self.weight)
         if use_kernel:
             from fastsft.kernels.nf4 import nf4_dequantize as impl
         else:
@@ -298,6 +297,23 @@ class NF4Linear(nn.Module):
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
         y = _NF4LinearFunction.apply(x.to(self.compute_dtype), self, bias)
         return y.to(x.dtype)
+
+
+@torch.no_grad()
+def quantize_weight(w: torch.Tensor, device, *, double_quant: bool = True):
+    """``(packed, QuantState)`` of ``w`` by ``bitsandbytes.functional.quantize_4bit`` (NF4, blocksize
+    64), on ``device`` when it is a GPU (one weight at a time there, never a whole model), else on the
+    CPU. Both are bitsandbytes' own quantizer, so the result is its format either way."""
+    import bitsandbytes.functional as bnbF
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            return bnbF.quantize_4bit(w.to(device), blocksize=BLOCKSIZE, compress_statistics=double_quant,
+                                      quant_type="nf4")
+        except (RuntimeError, NotImplementedError):  # a bitsandbytes build without this device's kernels
+            pass
+    return bnbF.quantize_4bit(w.to("cpu"), blocksize=BLOCKSIZE, compress_statistics=double_quant, quant_type="nf4")
 
 
 @torch.no_grad()
