@@ -13,6 +13,7 @@ from pathlib import Path
 
 from fastsft import config as config_mod
 from fastsft.config import ConfigError
+from fastsft.train.signals import RunStopped  # stdlib only: the CLI still starts without importing torch
 
 EMBEDDED_DEFAULT = Path(__file__).parent / "recipes" / "tiny.yaml"
 
@@ -93,8 +94,12 @@ def train_main(argv: list[str]) -> int:
     except (ValueError, OSError) as e:  # ConfigError, DataError and model-loading errors are ValueErrors
         if os.environ.get("FASTSFT_DEBUG"):
             raise
-        print(f"fastsft train: error: {_one_line(e)}", file=sys.stderr)
+        for problem in getattr(e, "problems", None) or [_one_line(e)]:  # preflight: every problem it found
+            print(f"fastsft train: error: {problem}", file=sys.stderr)
         return 2
+    except RunStopped as e:  # SIGTERM/SIGINT or non-finite losses: a checkpoint is written, say how to resume
+        print(f"fastsft train: {_one_line(e)}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("fastsft train: interrupted", file=sys.stderr)
         return 130

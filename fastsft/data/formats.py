@@ -56,6 +56,14 @@ def _json_loads(text: str) -> Any:
         return json.loads(text)
     except RecursionError:
         raise RecordError("invalid JSON: nested too deeply") from None
+    except json.JSONDecodeError:
+        raise
+    except ValueError as e:  # e.g. an integer literal past Python's 4300-digit conversion limit
+        raise RecordError(f"invalid JSON: {_first_clause(e)}") from None
+
+
+def _first_clause(e: Exception) -> str:
+    return str(e).split(";")[0].strip() or type(e).__name__
 
 
 def read_records(path: str | Path) -> list[RawRecord]:
@@ -111,6 +119,10 @@ def _read_json_list(data: bytes, name: str, jsonl_fallback: bool) -> list[RawRec
         raise DataError(f"invalid JSON: {e.msg} (column {e.colno})", path=name, line=e.lineno) from None
     except RecursionError:
         raise DataError("invalid JSON: nested too deeply", path=name) from None
+    except ValueError as e:  # not a JSONDecodeError: e.g. an integer past the 4300-digit limit
+        if jsonl_fallback:
+            return None
+        raise DataError(f"invalid JSON: {_first_clause(e)}", path=name) from None
     if not isinstance(value, list):
         if jsonl_fallback:
             return None
@@ -328,7 +340,7 @@ def _turns(r: dict, fmt: str, fields: Mapping[str, str]) -> list[dict]:
                 train = w == 1
         out.append({"role": canon_role, "content": content, "train": train})
     if not any(t["role"] == "assistant" for t in out):
-        raise RecordError(f"conversation has no assistant turn (nothing to train on)")
+        raise RecordError("conversation has no assistant turn (nothing to train on)")
     if not any(t["train"] for t in out):
         raise RecordError("every assistant turn has weight 0 (nothing to train on)")
     return out

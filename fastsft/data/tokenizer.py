@@ -208,10 +208,11 @@ class HFTokenizer(Tokenizer):
         self._vocab: dict[str, int] | None = None
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, **kwargs) -> "HFTokenizer":
+    def from_pretrained(cls, path: str | Path, *, trust_remote_code: bool = False, **kwargs) -> "HFTokenizer":
+        """``trust_remote_code`` stays False unless the user sets it (``model.trust_remote_code``)."""
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, **kwargs)
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=bool(trust_remote_code), **kwargs)
         return cls(tok, name=str(path))
 
     @property
@@ -275,10 +276,11 @@ class HFTokenizer(Tokenizer):
 # ------------------------------------------------------------------------------------------------
 
 
-def load_tokenizer(spec: Any) -> Tokenizer:
+def load_tokenizer(spec: Any, *, trust_remote_code: bool = False) -> Tokenizer:
     """`"byte"` -> ByteTokenizer; a directory written by `ByteTokenizer.save` -> ByteTokenizer;
     a `Tokenizer` or `transformers` tokenizer object -> itself (wrapped); anything else goes to
-    `AutoTokenizer.from_pretrained(spec)`. Failures are a one-line ValueError naming `spec`."""
+    `AutoTokenizer.from_pretrained(spec)` (running no code from it unless `trust_remote_code`).
+    Failures are a one-line ValueError naming `spec`."""
     if isinstance(spec, Tokenizer):
         return spec
     if not isinstance(spec, (str, Path)):
@@ -303,7 +305,7 @@ def load_tokenizer(spec: Any) -> Tokenizer:
         raise ValueError(f"cannot load tokenizer {s!r}: no such file or directory")
     try:
         kwargs = {"local_files_only": True} if local else {}
-        return HFTokenizer.from_pretrained(path if local else s, **kwargs)
+        return HFTokenizer.from_pretrained(path if local else s, trust_remote_code=trust_remote_code, **kwargs)
     except Exception as e:  # transformers raises OSError, ValueError, EnvironmentError, ...
         msg = " ".join(str(e).split())
         if len(msg) > 300:

@@ -1,24 +1,32 @@
 """Resumable checkpoints, written atomically.
 
-``checkpoints/step-N/`` holds the trainable weights, optimizer and scheduler state, RNG states and the
-data position. It is written to a temporary sibling directory, flushed to disk, then renamed: a
-rename is atomic on POSIX, so a kill mid-write leaves a ``.tmp-*`` directory that is never picked up,
-and the previous checkpoint stays usable. Tensors go to safetensors and everything else to JSON, so
-resuming never unpickles anything.
+``checkpoints/step-N/`` holds the trainable weights, optimizer and scheduler state, the RNG states
+(torch CPU and CUDA, Python ``random``, NumPy's global generator; LoRA dropout draws from torch's) and
+the data position (epoch, micro-batch within it). It is written to a temporary sibling directory,
+every file flushed to disk, then renamed: a rename is atomic on POSIX, so a kill mid-write leaves a
+``.tmp-*`` directory that is never picked up (and is deleted by the next write once its process is
+gone), and the previous checkpoint stays usable. Rewriting an existing ``step-N`` (a resumed run
+redoing the steps after its checkpoint) moves the old one aside first; if the swap is cut short the
+one aside is still found by `list_checkpoints` and put back by the next write. Tensors go to safetensors and everything else to JSON, so resuming never unpickles anything.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from fastsft.train.signals import maybe_kill_for_test
+
 STEP_DIR = re.compile(r"^step-(\d+)$")
+TEMP_DIR = re.compile(r"^\.(tmp|old)-step-(\d+)-(\d+)$")  # .tmp-step-N-PID (being written), .old-... (replaced)
 STATE_FILE = "trainer_state.json"  # written last inside the temporary directory
 
 
@@ -39,8 +47,78 @@ def _write_json(path: Path, obj) -> None:
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and directory under ``root`` (written by us or by ``write_extra``)."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Delete ``.tmp-*`` checkpoint directories left by killed writers (whose process is gone), and
+    finish a replacement cut short between its two renames (``.old-step-N-*`` without ``step-N``)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return
+    for d in sorted(root.iterdir()):
+        m = TEMP_DIR.match(d.name)
+        if not m or _process_alive(int(m.group(3))):
+            continue
+        final = root / f"step-{m.group(2)}"
+        try:
+            if m.group(1) == "old" and not final.exists() and (d / STATE_FILE).is_file():
+                os.rename(d, final)
+            else:
+                shutil.rmtree(d)
+        except OSError:  # another process tidying up at the same time
+            pass
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    version, py_state, gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    tensors["numpy"] = torch.from_numpy(np_keys.astype(np.int64))
+    meta = {"python": {"version": version, "state": list(py_state), "gauss": gauss},
+            "numpy": {"kind": np_kind, "pos": int(np_pos), "has_gauss": int(np_has_gauss),
+                      "gauss": float(np_gauss)}}
+    return tensors, meta
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict | None) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available():
+        cuda = [tensors[f"cuda.{i}"] for i in range(len([k for k in tensors if k.startswith("cuda.")]))]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+    if meta is None:  # a checkpoint from before Python/NumPy states were saved
+        return
+    py = meta["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    n = meta["numpy"]
+    np.random.set_state((n["kind"], tensors["numpy"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["gauss"]))
 
 
 def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -72,6 +150,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, optimiz
     """
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(run_dir)
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}-{os.getpid()}"
     if tmp.exists():
@@ -84,38 +163,48 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, optimiz
     _save_tensors(opt_tensors, tmp / "optimizer.safetensors")
     _write_json(tmp / "optimizer.json", opt_meta)
     _write_json(tmp / "scheduler.json", scheduler.state_dict())
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    _save_tensors(rng, tmp / "rng.safetensors")
+    maybe_kill_for_test("checkpoint", step)  # test hook: a kill with half the files written
+    rng_tensors, rng_meta = _rng_state()
+    _save_tensors(rng_tensors, tmp / "rng.safetensors")
+    _write_json(tmp / "rng.json", rng_meta)
     if write_extra is not None:
         write_extra(tmp)
     _write_json(tmp / STATE_FILE, {**trainer_state, "step": step})
-    _fsync_dir(tmp)
+    _fsync_tree(tmp)
 
+    old = None
     if final.exists():  # a re-run of the same step (resumed after a crash right after this write)
-        shutil.rmtree(final)
+        old = root / f".old-step-{step}-{os.getpid()}"
+        os.rename(final, old)
     os.rename(tmp, final)
     _fsync_dir(root)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary directories are never listed)."""
+    """Complete checkpoints, oldest first. Directories being written (``.tmp-*``) are never listed; a
+    ``step-N`` moved aside by a replacement cut short (``.old-step-N-*``, no ``step-N``) is. Only reads:
+    the one process that writes checkpoints tidies up (`remove_stale_temporaries`)."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = []
+    found, aside = {}, {}
     for d in root.iterdir():
-        m = STEP_DIR.match(d.name)
+        m, t = STEP_DIR.match(d.name), TEMP_DIR.match(d.name)
         if m and (d / STATE_FILE).is_file():
-            found.append((int(m.group(1)), d))
-    return [d for _, d in sorted(found)]
+            found[int(m.group(1))] = d
+        elif t and t.group(1) == "old" and (d / STATE_FILE).is_file():
+            aside[int(t.group(2))] = d
+    found = {**aside, **found}
+    return [found[k] for k in sorted(found)]
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint: what ``--resume`` continues from."""
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1] if ckpts else None
 
@@ -135,10 +224,6 @@ def load_checkpoint(ckpt: Path, *, model: torch.nn.Module, optimizer, scheduler)
     meta = json.loads((ckpt / "optimizer.json").read_text())
     optimizer.load_state_dict(_optimizer_from_files(load_file(str(ckpt / "optimizer.safetensors")), meta))
     scheduler.load_state_dict(json.loads((ckpt / "scheduler.json").read_text()))
-    rng = load_file(str(ckpt / "rng.safetensors"))
-    torch.set_rng_state(rng["torch"])
-    if torch.cuda.is_available():
-        cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))]
-        if cuda:
-            torch.cuda.set_rng_state_all(cuda)
+    rng_meta = json.loads((ckpt / "rng.json").read_text()) if (ckpt / "rng.json").is_file() else None
+    _set_rng_state(load_file(str(ckpt / "rng.safetensors")), rng_meta)
     return json.loads((ckpt / STATE_FILE).read_text())

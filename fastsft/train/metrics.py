@@ -25,9 +25,12 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = path
         if resume_step is not None and path.exists():
+            # a line cut short by a kill is dropped; the rewrite is atomic, so a second kill loses nothing
             kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
+                    if (r := _parse(line)) is not None and r.get("step", 0) <= resume_step]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
         elif path.exists():
             path.unlink()
 
@@ -40,7 +43,15 @@ class MetricsLog:
     def read(self) -> list[dict]:
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return [r for line in self.path.read_text().splitlines() if (r := _parse(line)) is not None]
+
+
+def _parse(line: str) -> dict | None:
+    try:
+        r = json.loads(line)
+    except ValueError:
+        return None
+    return r if isinstance(r, dict) else None
 
 
 def plot_losses(records: list[dict], out_png: Path) -> None:

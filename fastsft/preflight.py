@@ -1,0 +1,317 @@
+"""Preflight: what can be checked before any model is loaded, checked first.
+
+A fine-tune that dies after an hour of downloading, tokenizing and loading because the output disk is
+full or a path has a typo wastes the hour. ``preflight(cfg)`` runs at the top of ``train()`` and
+raises `PreflightError` listing every problem it finds, each one line naming the thing and the fix
+(the CLI prints one ``error:`` line per problem and exits with status 2):
+
+- config: the cross-field checks of `config.validate`, plus the ones that need the environment
+  (``train.device cuda`` without a GPU, ``model.load_in_4bit`` without LoRA);
+- output directory: creatable and writable (a probe file is created and removed in it, or in the
+  nearest existing parent when it does not exist yet);
+- free disk: enough for the checkpoints kept and the final outputs (`estimate_disk_bytes`);
+- data files (``data.datasets``, ``data.eval_datasets``, ``data.general_text``): exist, are readable
+  regular files, not empty. Every record is then parsed and validated by the data step, which also
+  runs before the model is loaded, so a bad record still stops the run before any model is touched;
+- model: ``model.path`` is a directory with ``config.json`` and safetensors weights, or a hub id that
+  is cached or exists on the Hub; otherwise ``model.config`` is a preset or a config.json file;
+  ``model.tokenizer``, when it is a path, exists.
+
+On ``--resume`` the data files are not needed (the run's token stores are reused) and are not checked.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from fastsft import config as config_mod
+from fastsft.config import Config, ConfigError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # org/name (or a legacy bare name)
+_MARGIN_BYTES = 64 << 20  # metrics, configs, plots, tokenizer files, filesystem slack
+# Token-store bytes per byte of data file: int32 id + int32 label per token; a byte-level tokenizer
+# makes about one token per byte, subword tokenizers about one per 3-4 bytes of JSON.
+_STORE_BYTES_PER_DATA_BYTE = {"byte": 8.0, "subword": 2.5}
+_BUILTIN_RECORD_BYTES = 1024  # a generated builtin record: < 128 byte tokens, ids + labels
+
+
+class PreflightError(ConfigError):
+    """Every problem preflight found: ``problems`` (one line each); ``str()`` joins them."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+def preflight(cfg: Config, *, resume: bool = False) -> None:
+    """Raise `PreflightError` naming every problem found; return quietly when there is none."""
+    problems: list[str] = []
+    try:
+        config_mod.validate(cfg)
+    except ConfigError as e:
+        problems.append(str(e))
+    problems += _check_runtime(cfg)
+    problems += _check_output_dir(cfg)
+    run_dir = _run_dir(cfg)
+    resuming_stores = resume and (run_dir / "data" / "train.npz").exists()
+    if not resuming_stores:
+        problems += _check_data_files(cfg)
+    model_problems, model_cfg = _check_model(cfg, resume=resume)
+    problems += model_problems
+    if not any(p.startswith("output.dir") for p in problems):
+        problems += _check_free_disk(cfg, model_cfg, resume=resume)
+    if problems:
+        raise PreflightError(problems)
+
+
+# ----------------------------------------------------------------------------------------------------
+# config and output directory
+
+
+def _check_runtime(cfg: Config) -> list[str]:
+    out = []
+    if cfg.train.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            out.append("config key 'train.device' is cuda but no CUDA device is available; "
+                       "use --train.device auto (or cpu)")
+    if cfg.model.load_in_4bit and not cfg.lora.enabled:
+        out.append("config key 'model.load_in_4bit' needs lora.enabled true (a 4-bit base is frozen); "
+                   "set --lora.enabled true or --model.load_in_4bit false")
+    return out
+
+
+def _run_dir(cfg: Config) -> Path:
+    # '{time}' is filled in later; a placeholder has the same parent, which is what matters here
+    return Path(cfg.output.dir.replace("{time}", "time")).expanduser()
+
+
+def _existing_ancestor(p: Path) -> Path:
+    p = p.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _check_output_dir(cfg: Config) -> list[str]:
+    run_dir = _run_dir(cfg)
+    fix = "choose another with --output.dir"
+    if run_dir.exists() and not run_dir.is_dir():
+        return [f"output.dir {run_dir} exists and is not a directory; {fix}"]
+    where = _existing_ancestor(run_dir)
+    if not where.is_dir():
+        return [f"output.dir {run_dir} cannot be created: {where} is a file, not a directory; {fix}"]
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".fastsft-write-probe-", dir=where)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        what = "is not writable" if where == run_dir.absolute() else f"cannot be created in {where}"
+        return [f"output.dir {run_dir} {what} ({e.strerror or e}); {fix}"]
+    return []
+
+
+# ----------------------------------------------------------------------------------------------------
+# data files
+
+
+def _data_paths(cfg: Config) -> list[tuple[str, str]]:
+    """(config key, path) of every data file the run reads."""
+    out = []
+    for key in ("data.datasets", "data.eval_datasets"):
+        for entry in getattr(cfg.data, key.split(".")[1]):
+            path = entry.get("path") if isinstance(entry, dict) else entry
+            if isinstance(path, str):
+                out.append((key, path))
+    if cfg.data.general_text:
+        out.append(("data.general_text", cfg.data.general_text))
+    return out
+
+
+def _check_data_files(cfg: Config) -> list[str]:
+    out = []
+    for key, path in _data_paths(cfg):
+        p = Path(path).expanduser()
+        if not p.exists():
+            out.append(f"{key}: {path}: no such file; check the path (relative paths start at the "
+                       f"current directory, {Path.cwd()})")
+        elif not p.is_file():
+            out.append(f"{key}: {path}: is a directory, expected a .json or .jsonl file; name the file")
+        elif not os.access(p, os.R_OK):
+            out.append(f"{key}: {path}: not readable (permissions); fix its permissions or copy it")
+        elif p.stat().st_size == 0:
+            out.append(f"{key}: {path}: file is empty; give a file with records")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# model
+
+
+def _looks_local(spec: str) -> bool:
+    return spec.startswith(("/", ".", "~")) or "\\" in spec or not _HUB_ID.match(spec)
+
+
+def _hub_problem(repo_id: str, key: str) -> str | None:
+    """None when ``repo_id`` is cached or exists on the Hub (or the Hub cannot be asked)."""
+    try:
+        import huggingface_hub
+        from huggingface_hub import errors as hub_errors
+    except ImportError:
+        return None
+    if isinstance(huggingface_hub.try_to_load_from_cache(repo_id, "config.json"), str):
+        return None
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", ""):
+        return (f"{key} {repo_id!r} is not a local directory and not in the Hugging Face cache, and "
+                f"HF_HUB_OFFLINE is set; download it first or give a local directory")
+    try:
+        huggingface_hub.model_info(repo_id, timeout=10)
+    except hub_errors.GatedRepoError:
+        return (f"{key} {repo_id!r} is gated on the Hugging Face Hub; accept its licence on the model page "
+                f"and log in (hf auth login), or give a local directory")
+    except hub_errors.RepositoryNotFoundError:
+        return (f"{key} {repo_id!r} is neither a local directory nor a model on the Hugging Face Hub; "
+                f"check the spelling, or log in (hf auth login) if it is private")
+    except Exception:  # noqa: BLE001 - offline or the Hub is down: the download will say more
+        return None
+    return None
+
+
+def _model_dir_problem(d: Path, key: str) -> str | None:
+    if not d.is_dir():
+        return f"{key} {d} is not a directory; give a Hugging Face model directory (config.json + safetensors)"
+    if not (d / "config.json").is_file():
+        return f"{key} {d} has no config.json; give the directory that holds the model's config.json"
+    if (d / "model.safetensors").is_file() or (d / "model.safetensors.index.json").is_file():
+        return None
+    if any((d / n).exists() for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        return (f"{key} {d} only has PyTorch pickle weights (pytorch_model.bin), which fastsft never loads; "
+                f"convert them: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, "
+                f"safe_serialization=True)")
+    return f"{key} {d} has no model.safetensors or model.safetensors.index.json; give a directory with weights"
+
+
+def _check_model(cfg: Config, *, resume: bool):
+    """(problems, ModelConfig or None): the ModelConfig feeds the disk estimate when it is at hand."""
+    from fastsft.model import ModelConfig
+
+    problems, mcfg = [], None
+    spec = cfg.model.path
+    if spec:
+        p = Path(spec).expanduser()
+        if p.exists() or _looks_local(spec):
+            if not p.exists():
+                problems.append(f"model.path {spec}: no such directory; give a local Hugging Face model "
+                                f"directory (config.json + safetensors) or a hub id like org/name")
+            else:
+                problem = _model_dir_problem(p, "model.path")
+                if problem:
+                    problems.append(problem)
+                else:
+                    try:
+                        mcfg = ModelConfig.from_json(p / "config.json")
+                    except (ValueError, KeyError, TypeError, OSError) as e:
+                        problems.append(f"model.path {spec}: config.json is not a supported model: "
+                                        f"{' '.join(str(e).split())}")
+        else:
+            problem = _hub_problem(spec, "model.path")
+            if problem:
+                problems.append(problem)
+    elif not (resume and (_run_dir(cfg) / "base_model" / "config.json").is_file()):
+        src = cfg.model.config
+        from fastsft.model.config import PRESETS
+
+        try:
+            mcfg = ModelConfig.from_json(src) if Path(src).exists() else ModelConfig.from_name(src)
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            reason = " ".join(str(e).split())
+            if not Path(src).exists():
+                reason = f"neither a preset ({', '.join(sorted(PRESETS))}) nor an existing config.json file"
+            problems.append(f"model.config {src}: {reason}; give a preset name or a config.json path "
+                            f"(or --model.path for pretrained weights)")
+    tok = cfg.model.tokenizer
+    if tok and tok != "byte" and _looks_local(tok) and not Path(tok).expanduser().exists():
+        problems.append(f"model.tokenizer {tok}: no such file or directory; give a tokenizer directory, "
+                        f"a hub id, or 'byte'")
+    return problems, mcfg
+
+
+# ----------------------------------------------------------------------------------------------------
+# disk
+
+
+def _linear_shapes(m) -> dict[str, tuple[int, int]]:
+    """(in, out) of each linear of one decoder layer, by short name."""
+    hd = m.head_dim or m.hidden_size // m.num_attention_heads
+    q, kv = m.num_attention_heads * hd, (m.num_key_value_heads or m.num_attention_heads) * hd
+    h, i = m.hidden_size, m.intermediate_size
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def count_parameters(m, *, lora_r: int = 0, target_modules=()) -> tuple[int, int]:
+    """(base parameters, LoRA parameters for ``target_modules`` at rank ``lora_r``) of a ModelConfig."""
+    shapes = _linear_shapes(m)
+    per_layer = sum(a * b for a, b in shapes.values()) + 2 * m.hidden_size  # + two RMSNorm weights
+    embed = m.vocab_size * m.hidden_size
+    base = m.num_hidden_layers * per_layer + embed * (1 if m.tie_word_embeddings else 2) + m.hidden_size
+    lora = m.num_hidden_layers * sum(lora_r * (a + b) for name, (a, b) in shapes.items() if name in target_modules)
+    return base, lora
+
+
+def estimate_disk_bytes(cfg: Config, mcfg, *, resume: bool = False) -> dict[str, int]:
+    """Bytes the run will write, by part (an estimate, on the generous side):
+
+    - each checkpoint: the trainable weights in float32 (4 bytes/param), AdamW's two moments (8), and
+      with LoRA a copy of the adapter (4) -> 16 bytes per trainable parameter (12 for a full
+      fine-tune); ``output.keep_checkpoints + 1`` exist at once, because the newest is written before
+      the oldest is deleted (on resume the kept ones are on disk already: one more);
+    - final outputs: the adapter (4 bytes per LoRA parameter) or the whole model in float32;
+    - a random base (no ``model.path``) is saved beside the run in float32;
+    - the token-store cache: 8 bytes per token, from the data files' sizes.
+    """
+    out: dict[str, int] = {}
+    if mcfg is not None:
+        base, lora = count_parameters(mcfg, lora_r=cfg.lora.r, target_modules=cfg.lora.target_modules)
+        trainable = lora if cfg.lora.enabled else base
+        per_ckpt = trainable * (16 if cfg.lora.enabled else 12)
+        n_ckpt = 1 if resume else cfg.output.keep_checkpoints + 1
+        out["checkpoints"] = per_ckpt * n_ckpt
+        out["final outputs"] = 4 * trainable
+        if not cfg.model.path and not resume and cfg.output.save_random_base:
+            out["random base model"] = 4 * base
+    if not resume:
+        tok = "byte" if (cfg.model.tokenizer or ("" if cfg.model.path else "byte")) == "byte" else "subword"
+        data_bytes = sum(Path(p).stat().st_size for _, p in _data_paths(cfg) if Path(p).is_file())
+        store = int(data_bytes * _STORE_BYTES_PER_DATA_BYTE[tok])
+        if not cfg.data.datasets:
+            store += cfg.data.builtin_size * _BUILTIN_RECORD_BYTES
+        out["token-store cache"] = store
+    out["margin"] = _MARGIN_BYTES
+    return out
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _check_free_disk(cfg: Config, mcfg, *, resume: bool) -> list[str]:
+    where = _existing_ancestor(_run_dir(cfg))
+    need = estimate_disk_bytes(cfg, mcfg, resume=resume)
+    total = sum(need.values())
+    free = shutil.disk_usage(where).free
+    if free >= total:
+        return []
+    parts = ", ".join(f"{k} {_human(v)}" for k, v in need.items() if v)
+    return [f"output.dir {_run_dir(cfg)}: not enough free disk: about {_human(total)} needed ({parts}; "
+            f"output.keep_checkpoints={cfg.output.keep_checkpoints}), {_human(free)} free on {where}; free "
+            f"space, lower output.keep_checkpoints, or choose another --output.dir"]
