@@ -42,8 +42,13 @@ class ModelConfig:
     dtype: str = _opt("auto", "Weight dtype; auto = bfloat16 on CUDA, float32 on CPU.",
                       ("auto", "float32", "bfloat16", "float16"))
     gradient_checkpointing: bool = _opt(False, "Recompute each decoder layer in the backward to save activation memory.")
+    offload_activations: bool = _opt(False, "With gradient_checkpointing: keep each decoder layer's saved input in "
+                                             "pinned CPU memory instead of GPU memory (copied back for the recompute).")
     load_in_4bit: bool = _opt(False, "QLoRA: quantize the frozen base's linear layers (lora.target_modules) to "
                                      "bitsandbytes NF4 (blocksize 64, double quantization) at load time.")
+    trust_remote_code: bool = _opt(False, "Let a Hugging Face tokenizer run Python code from its directory or hub "
+                                          "repo (only needed for custom tokenizers; weights are always read as "
+                                          "safetensors, never unpickled). Only for sources you trust.")
 
 
 @dataclass
@@ -92,17 +97,24 @@ class TrainConfig:
     adam_betas: list = _opt([0.9, 0.999], "AdamW betas.")
     adam_eps: float = _opt(1e-8, "AdamW epsilon.")
     max_grad_norm: float = _opt(1.0, "Gradient clipping by global norm; 0 disables.")
+    max_nonfinite_steps: int = _opt(5, "A step whose loss or gradient norm is not finite is skipped (counted as "
+                                       "skipped_steps); this many in a row stop the run with a checkpoint of "
+                                       "the last finite weights. 0: never stop.")
     group_by_length: bool = _opt(True, "Without packing: batch records of similar length together (less padding).")
     seed: int = _opt(0, "Seed for model init, LoRA init, data order and dropout.")
     device: str = _opt("auto", "auto = cuda when available, else cpu.", ("auto", "cpu", "cuda"))
     precision: str = _opt("auto", "Autocast precision; auto = bf16 on CUDA, fp32 on CPU.", ("auto", "bf16", "fp32"))
     threads: int = _opt(0, "CPU threads for torch; 0 leaves torch's default.")
-    kernels: str = _opt("auto", "Native kernels (fused loss): auto = Triton on CUDA, on = always (CPU needs "
-                                "TRITON_INTERPRET=1), off = the plain PyTorch paths (the ablation).",
+    kernels: str = _opt("auto", "Native paths (fused loss, fused LoRA / NF4 dequant, RMSNorm, RoPE, SwiGLU): auto = "
+                                "on CUDA, each Triton kernel after a one-time self-check; on = always (CPU needs "
+                                "TRITON_INTERPRET=1); off = the plain PyTorch paths (the ablation).",
                         ("auto", "on", "off"))
     kernels_off: list = _opt([], "Native pieces switched off one by one (benchmark ablation), any of: "
                                  "loss (fused linear cross-entropy), lora (fused LoRA / NF4 dequant), "
                                  "rms_norm, rope, swiglu.")
+    fsdp: bool = _opt(False, "Under torchrun: shard the model over the processes with FSDP2 (each decoder layer, then "
+                             "the root), for models that do not fit one GPU; needs lora.enabled. False: data "
+                             "parallel, the model replicated on every process.")
 
 
 @dataclass
@@ -123,6 +135,9 @@ class OutputConfig:
     log_every: int = _opt(10, "Log metrics every N optimizer steps.")
     progress: bool = _opt(True, "Show a progress bar.")
     plot: bool = _opt(True, "Write loss.png with the train/eval loss curves.")
+    save_random_base: bool = _opt(True, "With a random base (no model.path): save it to base_model/ beside the "
+                                        "run (export and resume need it); false skips it (throughput "
+                                        "benchmarks of large random models: 16 GB for 8B).")
 
 
 @dataclass
@@ -290,6 +305,7 @@ def validate(cfg: Config) -> None:
     need(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
     need(cfg.train.micro_batch_size > 0, "train.micro_batch_size", "must be positive")
     need(cfg.train.grad_accum > 0, "train.grad_accum", "must be positive")
+    need(cfg.train.max_nonfinite_steps >= 0, "train.max_nonfinite_steps", "must be 0 (never stop) or positive")
     need(cfg.train.lr > 0, "train.lr", "must be positive")
     need(0.0 <= cfg.train.warmup_ratio < 1.0, "train.warmup_ratio", "must be in [0, 1)")
     need(cfg.train.epochs > 0 or cfg.train.max_steps > 0, "train.epochs", "or train.max_steps must be positive")
@@ -298,6 +314,8 @@ def validate(cfg: Config) -> None:
     need(cfg.data.max_seq_len >= 8, "data.max_seq_len", "must be at least 8")
     need(cfg.output.keep_checkpoints >= 1, "output.keep_checkpoints", "must be at least 1")
     need(cfg.output.log_every >= 1, "output.log_every", "must be at least 1")
+    need(cfg.lora.enabled or not cfg.train.fsdp, "train.fsdp",
+         "needs lora.enabled (sharded full fine-tuning is not supported: checkpoints gather the trainable weights whole)")
     unknown = set(cfg.train.kernels_off) - set(KERNEL_PIECES)
     need(not unknown, "train.kernels_off", f"has unknown pieces {sorted(unknown)}; known: {', '.join(KERNEL_PIECES)}")
     for i, d in enumerate(cfg.data.datasets + cfg.data.eval_datasets):

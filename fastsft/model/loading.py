@@ -156,7 +156,7 @@ def load_model(
         quantized = _target_linear_names(model, target_modules or ())
         prequantized = False
     else:
-        quantized = []
+        quantized, prequantized = [], False
     modules = dict(model.named_modules())
     for name in quantized:
         if type(modules.get(name)) is not torch.nn.Linear:

@@ -13,7 +13,6 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 
@@ -27,8 +26,12 @@ from fastsft.data import DatasetSpec, TokenStore, build_dataset, load_tokenizer
 from fastsft.data.builtin import generate as generate_builtin
 from fastsft.loss import fused_linear_cross_entropy
 from fastsft.model import ModelConfig, build_model, load_model, save_pretrained
+from fastsft.model.fused import configure_kernels
 from fastsft.model.lora import apply_lora, save_adapter, trainable_parameters
+from fastsft.preflight import preflight
 from fastsft.train import checkpoint as ckpt_mod
+from fastsft.train import distributed
+from fastsft.train import signals
 from fastsft.packing import pack
 from fastsft.train.batching import collate, collate_packed, count_targets, epoch_batches, packed_epoch_batches
 from fastsft.train.evaluate import exact_match, majority_baseline, response_loss
@@ -103,20 +106,25 @@ def _packed_args(batch: dict, device) -> dict:
 
 
 def _say(msg: str) -> None:
-    tqdm.write(msg)
+    if distributed.is_main():  # under torchrun only rank 0 prints
+        tqdm.write(msg)
 
 
 # ----------------------------------------------------------------------------------------------------
 # the recipe
 
 
+@signals.handle_stop_signals  # SIGTERM/SIGINT: checkpoint at the next step boundary, raise RunStopped
 def train(cfg: Config, *, resume: bool = False) -> dict:
     # ---- runtime ------------------------------------------------------------------------------------
     config_mod.validate(cfg)
+    preflight(cfg, resume=resume)  # output dir, disk, data files, model: before anything is loaded
     device = torch.device(cfg.train.device if cfg.train.device != "auto"
                           else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("config key 'train.device' is cuda but no CUDA device is available")
+    dist = distributed.setup(cfg, device)  # torchrun: join the process group; each rank on cuda:LOCAL_RANK
+    device = dist.device
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     autocast = _autocast(device, cfg.train.precision)
@@ -124,17 +132,20 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
-    run_dir = resolve_run_dir(cfg)
+    resolve_run_dir(cfg)
+    cfg.output.dir = dist.broadcast(cfg.output.dir)  # rank 0's {time} on every rank
+    run_dir = Path(cfg.output.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resume_from = ckpt_mod.latest_checkpoint(run_dir) if resume else None
     if resume and resume_from is None:
         raise ConfigError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
-    config_mod.dump(cfg, run_dir / "config.yaml")
+    if dist.is_main:
+        config_mod.dump(cfg, run_dir / "config.yaml")
     started = time.time()
 
     # ---- tokenizer and data -------------------------------------------------------------------------
     tokenizer_spec = cfg.model.tokenizer or (cfg.model.path if cfg.model.path else "byte")
-    tokenizer = load_tokenizer(tokenizer_spec)
+    tokenizer = load_tokenizer(tokenizer_spec, trust_remote_code=cfg.model.trust_remote_code)
     data_dir = run_dir / "data"
     if resume_from is not None and (data_dir / "train.npz").exists():
         # the token stores of the interrupted run: same records, same order, no re-tokenising
@@ -153,11 +164,12 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
                                eval_fraction=0.0 if eval_specs else cfg.data.eval_fraction,
                                eval_specs=eval_specs, seed=cfg.train.seed)
         train_store, eval_store, report = bundle.train, bundle.eval, bundle.report
-        data_dir.mkdir(exist_ok=True)
-        train_store.save(data_dir / "train.npz")
-        if eval_store is not None:
-            eval_store.save(data_dir / "eval.npz")
-        (data_dir / "report.json").write_text(json.dumps(report, indent=1, default=str))
+        if dist.is_main:  # every rank tokenizes the same records the same way; rank 0 keeps them
+            data_dir.mkdir(exist_ok=True)
+            train_store.save(data_dir / "train.npz")
+            if eval_store is not None:
+                eval_store.save(data_dir / "eval.npz")
+            (data_dir / "report.json").write_text(json.dumps(report, indent=1, default=str))
     if len(train_store) == 0:
         raise ConfigError("no training records left after validation and truncation")
     general_store = None
@@ -172,34 +184,42 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     # ---- model --------------------------------------------------------------------------------------
     bf16 = device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
     dtype = DTYPES.get(cfg.model.dtype) or (torch.bfloat16 if bf16 else torch.float32)
-    if cfg.model.path:
-        model = load_model(cfg.model.path, dtype=dtype, device=device)
+    load_device = torch.device("cpu") if dist.fsdp else device  # FSDP2 moves only each rank's shards
+    if cfg.model.load_in_4bit and not cfg.lora.enabled:
+        raise ConfigError("config key 'model.load_in_4bit' needs lora.enabled: a 4-bit base is frozen")
+    if cfg.model.path:  # 4-bit: a bnb-4bit checkpoint as it is, or quantized weight by weight while loading
+        model = load_model(cfg.model.path, dtype=dtype, device=load_device, load_in_4bit=cfg.model.load_in_4bit,
+                           target_modules=cfg.lora.target_modules)
         base_name = cfg.model.path
     else:
         # a random base is saved beside the run: the adapter means nothing without it
         base_name = str(run_dir / "base_model")
         if resume_from is not None:
-            model = load_model(base_name, dtype=dtype, device=device)
+            model = load_model(base_name, dtype=dtype, device=load_device)
         else:
             src = cfg.model.config
             mcfg = ModelConfig.from_json(src) if Path(src).exists() else ModelConfig.from_name(src)
-            model = build_model(mcfg, dtype=dtype, device=device, seed=cfg.train.seed)
-            save_pretrained(model, base_name)
+            model = build_model(mcfg, dtype=dtype, device=load_device, seed=cfg.train.seed)
+            if dist.is_main and cfg.output.save_random_base:
+                save_pretrained(model, base_name)
     vocab = model.lm_head.weight.shape[0]
     max_id = int(train_store.ids.max())
     if max_id >= vocab:
         raise ConfigError(f"tokenizer '{tokenizer_spec}' produces token id {max_id} but "
                           f"the model's vocabulary has {vocab} entries; use the model's own tokenizer")
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
-    if cfg.model.load_in_4bit:
-        if not cfg.lora.enabled:
-            raise ConfigError("config key 'model.load_in_4bit' needs lora.enabled: a 4-bit base is frozen")
+    model.offload_activations = cfg.model.offload_activations
+    if cfg.model.load_in_4bit and not cfg.model.path:
         from fastsft.model.nf4 import quantize_linears
 
         quantize_linears(model, cfg.lora.target_modules, compute_dtype=dtype)
+    if any(getattr(m, "quantized_base", False) for m in model.modules()) and not cfg.lora.enabled:
+        raise ConfigError(f"model '{cfg.model.path}' is a 4-bit checkpoint: it can only be trained with LoRA "
+                          "(set lora.enabled: true)")
     if cfg.lora.enabled:
         apply_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                    target_modules=cfg.lora.target_modules, use_rslora=cfg.lora.rslora, seed=cfg.train.seed)
+    configure_kernels(model, cfg.train.kernels, cfg.train.kernels_off)  # fused LoRA, RMSNorm, RoPE, SwiGLU
     params = trainable_parameters(model)
     for p in params:  # optimizer state and updates in float32 even when the frozen base is bf16
         p.data = p.data.float()
@@ -210,6 +230,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
          f"({'LoRA r=%d' % cfg.lora.r if cfg.lora.enabled else 'full fine-tune'}"
          f"{', %d linear layers in 4-bit NF4' % len(quantized) if quantized else ''}) on {device}")
     model.train()
+    dist.shard(model)  # train.fsdp: FSDP2 over each decoder layer, then the root; otherwise nothing
+    params = trainable_parameters(model)  # (FSDP2 replaced them by sharded DTensors)
 
     # ---- batching: packed bins of max_seq_len tokens, or one padded record a row ---------------------
     pad_id = tokenizer.pad_id
@@ -236,7 +258,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
 
     # ---- optimizer and schedule ---------------------------------------------------------------------
     batches_per_epoch = math.ceil(num_units / mbs)
-    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * batches_per_epoch / cfg.train.grad_accum))
+    step_batches = cfg.train.grad_accum * dist.world_size  # micro-batches of one (global) optimizer step
+    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * batches_per_epoch / step_batches))
     warmup = int(cfg.train.warmup_ratio * total_steps)
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
                                   eps=cfg.train.adam_eps, weight_decay=cfg.train.weight_decay)
@@ -245,11 +268,14 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
                                        min_ratio=cfg.train.min_lr_ratio))
 
     # ---- resume -------------------------------------------------------------------------------------
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_steps": 0, "tokens": 0, "response_tokens": 0}
-    if resume_from is not None:
-        state.update(ckpt_mod.load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler))
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_steps": 0, "nonfinite_in_a_row": 0,
+             "tokens": 0, "response_tokens": 0}
+    if resume_from is not None:  # every rank: the weights, and the global data position
+        with dist.gathered(model, optimizer):
+            state.update(ckpt_mod.load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler))
         _say(f"resumed from {resume_from} at step {state['step']}")
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=state["step"] if resume_from else None)
+    metrics = (MetricsLog(run_dir / "metrics.jsonl", resume_step=state["step"] if resume_from else None)
+               if dist.is_main else distributed.NullLog())
 
     def save_weights(out_dir: Path) -> None:
         """The PEFT adapter (LoRA) or the whole model (full fine-tune), with the tokenizer."""
@@ -263,8 +289,20 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
 
     def checkpoint(step: int) -> None:
         extra = (lambda d: save_weights(d / "adapter")) if cfg.lora.enabled else None
-        ckpt_mod.save_checkpoint(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                                 trainer_state=state, keep=cfg.output.keep_checkpoints, write_extra=extra)
+        with dist.gathered(model, optimizer):  # FSDP2: whole LoRA tensors on every rank; rank 0 writes
+            if dist.is_main:
+                ckpt_mod.save_checkpoint(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                                         trainer_state=state, keep=cfg.output.keep_checkpoints, write_extra=extra)
+
+    def checkpoint_before_stop(step: int) -> Path | None:
+        """This step's checkpoint (unless the schedule just wrote it, or the weights are not finite);
+        decided from the schedule, not the filesystem, so every rank of a torchrun agrees."""
+        written = cfg.output.checkpoint_every and step % cfg.output.checkpoint_every == 0 and step != total_steps
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in params]  # FSDP2: this rank's shards
+        finite = dist.sum([int(all(bool(torch.isfinite(p).all()) for p in local))])[0] == dist.world_size
+        if not written and finite:
+            checkpoint(step)
+        return ckpt_mod.latest_checkpoint(run_dir)
 
     # ---- evaluation ---------------------------------------------------------------------------------
 
@@ -294,7 +332,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     baseline = None
     if eval_store is not None and cfg.eval.exact_match:
         baseline = majority_baseline(tokenizer, train_store, eval_store, n=cfg.eval.exact_match)
-    before = [r for r in metrics.read() if r.get("kind") == "eval" and r["step"] == 0]
+    before = dist.broadcast([r for r in metrics.read() if r.get("kind") == "eval" and r["step"] == 0])
     if resume_from is not None and before:
         first_eval = before[0]  # the interrupted run already evaluated the untrained model
     else:
@@ -303,17 +341,24 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
 
     # ---- the loop -----------------------------------------------------------------------------------
     stream = _batch_stream(plan_epoch, state["epoch"], state["batch_in_epoch"])
-    bar = tqdm(total=total_steps, initial=state["step"], disable=not cfg.output.progress, unit="step",
-               dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=state["step"], disable=not (cfg.output.progress and dist.is_main),
+               unit="step", dynamic_ncols=True)
+    if device.type == "cuda":  # metrics report the peak of training, not of loading (a bf16 base before NF4)
+        torch.cuda.reset_peak_memory_stats(device)
     window = {"t": time.time(), "tokens": 0, "slots": 0, "response": 0, "loss": 0.0, "n": 0}
     last_eval = first_eval
     while state["step"] < total_steps:
         micro = []
-        for _ in range(cfg.train.grad_accum):
+        for i in range(step_batches):
             epoch, index, units = next(stream)
-            micro.append(make_batch(units))
+            if dist.takes(i):  # rank r: micro-batches r, r + N, ... of the global step
+                micro.append(make_batch(units))
             state["epoch"], state["batch_in_epoch"] = epoch, index + 1
-        num_items = max(1, sum(count_targets(b) for b in micro))  # response tokens of the whole step
+        # response tokens, tokens and token slots of the whole step, summed over the ranks before the backward
+        step_targets, tokens, slots = dist.sum([sum(count_targets(b) for b in micro),
+                                                sum(b["num_tokens"] for b in micro),
+                                                sum(b["input_ids"].numel() for b in micro)])
+        num_items = max(1, step_targets)
 
         step_loss = 0.0
         for batch in micro:
@@ -324,20 +369,23 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
                                                   reduction="sum", num_items=num_items, kernels=loss_kernels)
             loss.backward()
             step_loss += float(loss.detach())
+            signals.maybe_kill_for_test("micro", state["step"] + 1)
+        step_loss = dist.reduce_gradients(params, step_loss)  # sum over the ranks: gradients and loss
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
         if math.isfinite(step_loss) and torch.isfinite(grad_norm):
             optimizer.step()
+            state["nonfinite_in_a_row"] = 0
         else:
             state["skipped_steps"] += 1
+            state["nonfinite_in_a_row"] += 1
             _say(f"step {state['step'] + 1}: non-finite loss or gradient norm, update skipped")
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         state["step"] += 1
-        tokens = sum(b["num_tokens"] for b in micro)
         state["tokens"] += tokens
         state["response_tokens"] += num_items
         window["tokens"] += tokens
-        window["slots"] += sum(b["input_ids"].numel() for b in micro)
+        window["slots"] += slots
         window["response"] += num_items
         window["loss"] += step_loss
         window["n"] += 1
@@ -348,6 +396,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             elapsed = max(time.time() - window["t"], 1e-9)
             record = {"kind": "train", "step": step, "epoch": state["epoch"], "loss": window["loss"] / window["n"],
                       "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                      "step_time_s": elapsed / window["n"],
                       "tokens_per_s": window["tokens"] / elapsed, "response_tokens_per_s": window["response"] / elapsed,
                       "peak_memory_bytes": peak_memory_bytes(device), "skipped_steps": state["skipped_steps"],
                       # real tokens / token slots of the batches (packed rows or padded records)
@@ -360,6 +409,10 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             _say(f"eval step {step}: " + _eval_line(last_eval, baseline))
         if cfg.output.checkpoint_every and step % cfg.output.checkpoint_every == 0 and step != total_steps:
             checkpoint(step)
+        signals.maybe_kill_for_test("step", step)
+        signals.check_stop(step=step, nonfinite_in_a_row=state["nonfinite_in_a_row"],
+                           max_nonfinite=cfg.train.max_nonfinite_steps, run_dir=run_dir,
+                           save_checkpoint=checkpoint_before_stop, agree=dist.sum)
     bar.close()
 
     # ---- outputs ------------------------------------------------------------------------------------
@@ -367,9 +420,11 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     _say("eval after:  " + _eval_line(final_eval, baseline))
     checkpoint(state["step"])
     out_dir = run_dir / ("adapter" if cfg.lora.enabled else "model")
-    save_weights(out_dir)
+    with dist.gathered(model, optimizer):
+        if dist.is_main:
+            save_weights(out_dir)
     records = metrics.read()
-    if cfg.output.plot:
+    if cfg.output.plot and dist.is_main:
         plot_losses(records, run_dir / "loss.png")
     summary = {
         "steps": state["step"], "skipped_steps": state["skipped_steps"], "tokens": state["tokens"],
@@ -379,8 +434,10 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         "exact_match_baseline": baseline, "samples": final_eval.get("samples", []),
         "peak_memory_bytes": peak_memory_bytes(device), "output": str(out_dir), "data": report,
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    if dist.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     _say(f"done: {state['step']} steps in {summary['seconds']:.0f}s; adapter/model in {out_dir}")
+    dist.teardown()
     return summary
 
 

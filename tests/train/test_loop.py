@@ -148,6 +148,7 @@ def test_kernel_and_reference_loss_train_alike(tmp_path):
     losses = {}
     for mode in ("on", "off"):
         cfg = tiny_cfg(tmp_path / mode, **{"train.kernels": mode, "train.max_steps": 4, "output.log_every": 1,
+                                           "train.kernels_off": "lora,rms_norm,rope,swiglu",  # the loss kernel only
                                            "eval.exact_match": 0, "eval.max_records": 8})
         train(cfg)
         records = [json.loads(l) for l in (tmp_path / mode / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -182,3 +183,22 @@ def test_qlora_load_in_4bit_trains_saves_and_reloads(tmp_path, monkeypatch):
 def test_load_in_4bit_requires_lora(tmp_path):
     with pytest.raises(cfgmod.ConfigError, match="load_in_4bit"):
         train(tiny_cfg(tmp_path, **{"model.load_in_4bit": True, "lora.enabled": False}))
+
+
+def test_qlora_native_paths_train_like_torch_paths(tmp_path):
+    """QLoRA with every native piece on (fused LoRA blocks over NF4 bases, RMSNorm/RoPE/SwiGLU and
+    loss kernels in the interpreter), LoRA dropout and offloaded checkpointing: the same losses as the
+    plain torch paths."""
+    losses = {}
+    for mode in ("on", "off"):
+        cfg = tiny_cfg(tmp_path / mode, **{"train.kernels": mode, "train.max_steps": 3, "output.log_every": 1,
+                                           "model.load_in_4bit": True, "lora.dropout": 0.1,
+                                           "model.gradient_checkpointing": True, "model.offload_activations": True,
+                                           "train.micro_batch_size": 2, "data.max_seq_len": 32,
+                                           "data.builtin_size": 60, "eval.exact_match": 0, "eval.max_records": 4,
+                                           "output.plot": False})
+        train(cfg)
+        records = [json.loads(l) for l in (tmp_path / mode / "run" / "metrics.jsonl").read_text().splitlines()]
+        losses[mode] = [r["loss"] for r in records if r["kind"] == "train"]
+    assert len(losses["on"]) == 3
+    assert losses["on"] == pytest.approx(losses["off"], rel=1e-4)
