@@ -98,7 +98,7 @@ def _versions() -> dict:
 
 def _record(benchmark, name, seconds=None, **info):
     seconds = benchmark.stats.stats.min if seconds is None else seconds
-    info["seconds"] = seconds
+    info.update(seconds=seconds, throughput=N / seconds, unit="lengths/s")
     benchmark.extra_info.update(info, versions=_versions())
     RESULTS[name] = info
 

@@ -121,18 +121,21 @@ def _interpreting() -> bool:
 # the layer, three ways
 
 
+def _projection_dims(shape) -> dict:
+    """name -> (out_features, in_features) of the seven projections of a Llama layer."""
+    h, i = shape["hidden_size"], shape["intermediate_size"]
+    kv = shape["num_key_value_heads"] * (h // shape["num_attention_heads"])
+    return {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h),
+            "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+
+
 def _quantized_weights(shape, seed=0) -> dict:
     """name -> (packed codes, QuantState dict, the codes dequantized to float32) for the seven projections."""
     import bitsandbytes.functional as bnbF
 
-    h, i = shape["hidden_size"], shape["intermediate_size"]
-    hd = h // shape["num_attention_heads"]
-    kv = shape["num_key_value_heads"] * hd
-    dims = {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h),
-            "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
     g = torch.Generator().manual_seed(seed)
     out = {}
-    for name, (o, n) in dims.items():
+    for name, (o, n) in _projection_dims(shape).items():
         w = (torch.randn(o, n, generator=g) / n**0.5).to(torch.bfloat16)
         packed, qs = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
         qs = qs.as_dict(packed=True)
@@ -142,14 +145,9 @@ def _quantized_weights(shape, seed=0) -> dict:
 
 
 def _lora_weights(shape, seed=1) -> dict:
-    h, i = shape["hidden_size"], shape["intermediate_size"]
-    hd = h // shape["num_attention_heads"]
-    kv = shape["num_key_value_heads"] * hd
-    dims = {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h),
-            "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
     g = torch.Generator().manual_seed(seed)
     return {name: (torch.randn(RANK, n, generator=g) / n**0.5, torch.randn(o, RANK, generator=g) * 0.02)
-            for name, (o, n) in dims.items()}
+            for name, (o, n) in _projection_dims(shape).items()}
 
 
 def _model_config(shape) -> ModelConfig:
@@ -286,7 +284,7 @@ def measure_layer(shape, device, dtype, reps) -> list[dict]:
                 torch.cuda.synchronize()
                 row["peak_extra_bytes"] = int(torch.cuda.max_memory_allocated() - base)
                 row["weights_bytes"] = int(base)
-            del layer, run
+            layer = run = None  # free this system before the next is built
         except Exception as e:  # noqa: BLE001 - a system that cannot run is a row with its reason
             row["error"] = f"{type(e).__name__}: {e}"
             traceback.print_exc()

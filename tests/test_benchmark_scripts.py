@@ -18,3 +18,93 @@ def test_fused_linear_cross_entropy_benchmark_smoke(tmp_path):
     providers = {r["provider"] for r in result["rows"]}
     assert {"fastsft", "fastsft-reference", "torch"} <= providers
     assert all("ms" in r and r["error_vs_fp32"]["loss"] < 1e-4 for r in result["rows"])
+
+
+def _run(*args, timeout=300):
+    proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_train_harness_smoke(tmp_path):
+    """Every system gets a row: fastsft and the transformers baseline run (toy shapes, CPU, one step),
+    Liger and Unsloth say why they cannot run here."""
+    out = tmp_path / "r.json"
+    _run(REPO / "benchmarks" / "bench_train.py", "--smoke", "--models", "smoke-llama",
+         "--systems", "fastsft,hf,hf-liger,unsloth", "--steps", "1", "--warmup", "0", "--out", out)
+    result = json.loads(out.read_text())
+    assert {"device", "versions", "command", "matmul_tflops", "flop_accounting", "workload", "rows"} <= set(result)
+    rows = {r["system"]: r for r in result["rows"]}
+    assert list(rows) == ["fastsft", "hf", "hf-liger", "unsloth"]
+    for name in ("fastsft", "hf"):
+        r = rows[name]
+        assert r["status"] == "ok", r.get("error")
+        assert r["tokens_per_s"] > 0 and 0 < r["response_tokens_per_s"] < r["tokens_per_s"]
+        assert r["step_time_s"] > 0 and r["peak_memory_bytes"] > 0 and r["mfu"] > 0
+    for name in ("hf-liger", "unsloth"):
+        assert rows[name]["status"] == "skipped" and rows[name]["reason"]
+    assert "| smoke-llama | fastsft |" in out.with_suffix(".md").read_text()
+
+
+def _fake_result(date, models, rows, matmul=700.0):
+    return {"benchmark": "train_throughput", "device": "NVIDIA H100 80GB HBM3", "date": date,
+            "command": f"python bench_train.py --models {','.join(models)}", "smoke": False,
+            "matmul": {"dtype": "bfloat16"}, "matmul_tflops": matmul,
+            "workload": {"models": models, "lora_r": 16, "max_seq_len": 2048, "mean_record_tokens": 214.0,
+                         "grad_accum": 2, "rows_per_micro_batch": 4, "records_per_micro_batch": 38,
+                         "timed_steps": 4, "warmup_steps": 2},
+            "rows": rows}
+
+
+def _row(model, system, tok_s=None, mem=None, reason=None):
+    if reason:
+        return {"model": model, "system": system, "status": "skipped", "reason": reason}
+    return {"model": model, "system": system, "status": "ok", "tokens_per_s": tok_s, "response_tokens_per_s": tok_s / 2,
+            "step_time_s": 1.0, "peak_memory_bytes": mem, "mfu": 0.4}
+
+
+def test_report_merge_and_readme(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    a = _fake_result("2026-11-20", ["m1"], [_row("m1", "fastsft", 1000.0, 1 << 30), _row("m1", "hf", 400.0, 4 << 30),
+                                           _row("m1", "unsloth", reason="not installed")])
+    b = _fake_result("2026-11-21", ["m2"], [_row("m2", "fastsft", 300.0, 2 << 30), _row("m1", "fastsft", 1100.0, 1 << 30)])
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    report = REPO / "benchmarks" / "report.py"
+    _run(report, "--merge", tmp_path / "a.json", tmp_path / "b.json", "--results-dir", results)
+    merged_path = results / "2026-11-21-nvidia-h100-80gb-hbm3.json"
+    merged = json.loads(merged_path.read_text())
+    assert [(r["model"], r["system"]) for r in merged["rows"]] == [("m1", "fastsft"), ("m1", "hf"), ("m1", "unsloth"),
+                                                                  ("m2", "fastsft")]
+    assert merged["rows"][0]["tokens_per_s"] == 1100.0  # the later run wins
+    assert merged["workload"]["models"] == ["m1", "m2"] and len(merged["parts"]) == 2
+    table = merged_path.with_suffix(".md").read_text()
+    assert "| m1 | fastsft | 1,100 | 550 | 1.000 | 1.00 | 40.0% | 2.75x | 25% |  |" in table
+    assert "| m1 | unsloth | - |" in table and "not installed" in table
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n## Performance\n\n<!-- perf:begin -->\nold\n<!-- perf:end -->\n\n## Scaling out\nkeep\n")
+    _run(report, "--readme", "--readme-path", readme, "--results-dir", results)
+    text = readme.read_text()
+    assert "old" not in text and text.endswith("<!-- perf:end -->\n\n## Scaling out\nkeep\n")
+    assert "python bench_train.py --models m1" in text and "| m2 | fastsft | 300 |" in text
+
+
+def test_flop_accounting():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_workload", REPO / "benchmarks" / "_workload.py")
+    w = importlib.util.module_from_spec(spec)
+    sys.modules["_workload"] = w  # (dataclasses look their module up)
+    spec.loader.exec_module(w)
+    cfg = w.hf_config("llama-3.1-8b")
+    d, i, kv = 4096, 14336, 1024
+    p = 32 * (2 * d * d + 2 * d * kv + 3 * d * i)                       # frozen projections: 6.98e9
+    a = 32 * 16 * ((d + d) * 2 + (d + kv) * 2 + 3 * (d + i))            # LoRA r=16 on all seven
+    ckpt, plain = w.flops_model(cfg, 16, checkpointing=True), w.flops_model(cfg, 16, checkpointing=False)
+    assert ckpt.per_token == 6 * p + 8 * a and plain.per_token == 4 * p + 6 * a
+    assert ckpt.per_response_token == 4 * d * 128256
+    assert ckpt.per_l2 == 32 * 2 * 32 * 128 * 4 and plain.per_l2 == 32 * 2 * 32 * 128 * 3
+    prompt, response = w.real_lengths()
+    assert len(prompt) == len(response) > 9000 and (prompt > 0).all() and (response > 0).all()
