@@ -2,7 +2,9 @@
 
 ``checkpoints/step-N/`` holds the trainable weights, optimizer and scheduler state, the RNG states
 (torch CPU and CUDA, Python ``random``, NumPy's global generator; LoRA dropout draws from torch's) and
-the data position (epoch, micro-batch within it). It is written to a temporary sibling directory,
+the data position (epoch, micro-batch within it). Under torchrun every rank's RNG states are kept:
+rank 0's in ``rng.safetensors`` + ``rng.json`` (the single-process files), rank r's in
+``rng-rank{r}.safetensors`` + ``rng-rank{r}.json``. It is written to a temporary sibling directory,
 every file flushed to disk, then renamed: a rename is atomic on POSIX, so a kill mid-write leaves a
 ``.tmp-*`` directory that is never picked up (and is deleted by the next write once its process is
 gone), and the previous checkpoint stays usable. Rewriting an existing ``step-N`` (a resumed run
@@ -93,7 +95,8 @@ def remove_stale_temporaries(run_dir: Path) -> None:
             pass
 
 
-def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """This process's RNG states: tensors for safetensors and a JSON-able dict (`save_checkpoint`'s ``rng_states``)."""
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
@@ -142,8 +145,10 @@ def _optimizer_from_files(tensors: dict, meta: dict) -> dict:
 
 
 def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, optimizer, scheduler,
-                    trainer_state: dict, keep: int, write_extra=None) -> Path:
+                    trainer_state: dict, keep: int, write_extra=None, rng_states: list | None = None) -> Path:
     """Write ``run_dir/checkpoints/step-{step}`` atomically and keep the newest ``keep`` checkpoints.
+
+    ``rng_states``: every rank's `rng_state()`, in rank order (torchrun); default: this process's.
 
     ``write_extra(directory)`` may add files (the loop writes the PEFT adapter, so every checkpoint is
     also a usable adapter); it runs inside the temporary directory, before the rename.
@@ -164,9 +169,9 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, optimiz
     _write_json(tmp / "optimizer.json", opt_meta)
     _write_json(tmp / "scheduler.json", scheduler.state_dict())
     maybe_kill_for_test("checkpoint", step)  # test hook: a kill with half the files written
-    rng_tensors, rng_meta = _rng_state()
-    _save_tensors(rng_tensors, tmp / "rng.safetensors")
-    _write_json(tmp / "rng.json", rng_meta)
+    for rank, (rng_tensors, rng_meta) in enumerate(rng_states or [rng_state()]):
+        _save_tensors(rng_tensors, tmp / f"{_rng_name(rank)}.safetensors")
+        _write_json(tmp / f"{_rng_name(rank)}.json", rng_meta)
     if write_extra is not None:
         write_extra(tmp)
     _write_json(tmp / STATE_FILE, {**trainer_state, "step": step})
@@ -209,8 +214,20 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def load_checkpoint(ckpt: Path, *, model: torch.nn.Module, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG from ``ckpt``; return the trainer state."""
+def _rng_name(rank: int) -> str:
+    return "rng" if rank == 0 else f"rng-rank{rank}"
+
+
+def has_rank_rng(ckpt: Path, rank: int) -> bool:
+    """Whether ``ckpt`` holds rank ``rank``'s own RNG states (not so in a checkpoint of fewer processes)."""
+    return (Path(ckpt) / f"{_rng_name(rank)}.safetensors").is_file()
+
+
+def load_checkpoint(ckpt: Path, *, model: torch.nn.Module, optimizer, scheduler, rank: int = 0) -> dict:
+    """Restore weights, optimizer, scheduler and RNG from ``ckpt``; return the trainer state.
+
+    ``rank``: whose RNG states to restore; a rank the checkpoint has none for gets rank 0's.
+    """
     trainable = load_file(str(ckpt / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in trainable]
@@ -224,6 +241,7 @@ def load_checkpoint(ckpt: Path, *, model: torch.nn.Module, optimizer, scheduler)
     meta = json.loads((ckpt / "optimizer.json").read_text())
     optimizer.load_state_dict(_optimizer_from_files(load_file(str(ckpt / "optimizer.safetensors")), meta))
     scheduler.load_state_dict(json.loads((ckpt / "scheduler.json").read_text()))
-    rng_meta = json.loads((ckpt / "rng.json").read_text()) if (ckpt / "rng.json").is_file() else None
-    _set_rng_state(load_file(str(ckpt / "rng.safetensors")), rng_meta)
+    name = _rng_name(rank if has_rank_rng(ckpt, rank) else 0)
+    rng_meta = json.loads((ckpt / f"{name}.json").read_text()) if (ckpt / f"{name}.json").is_file() else None
+    _set_rng_state(load_file(str(ckpt / f"{name}.safetensors")), rng_meta)
     return json.loads((ckpt / STATE_FILE).read_text())

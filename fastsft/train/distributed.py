@@ -46,6 +46,13 @@ tokenizes; a resumed run reads the run directory (checkpoint, token store) on ev
 needs it on storage every node sees. Evaluation runs on every rank over the same records (with FSDP2
 every forward is a collective, so all ranks must make the same calls; greedy generation is
 deterministic, so they do); rank 0 records it.
+
+Randomness: the model and LoRA init draw from generators seeded with ``train.seed``, so every rank builds
+the same weights; then each rank's torch RNG (CPU and CUDA) is reseeded with its own seed
+(`Distributed.rank_seed`), so the ranks draw different LoRA dropout masks for their different
+micro-batches. The data order is a function of (seed, epoch) alone, and Python's and NumPy's global
+generators stay the same on every rank. A checkpoint holds every rank's RNG states (gathered to rank
+0, which writes them) and on resume each rank restores its own.
 """
 
 from __future__ import annotations
@@ -63,6 +70,9 @@ from fastsft.config import Config, ConfigError
 # Gradients are all-reduced in flat buckets of at most this many numbers: LoRA's (a few million
 # numbers) go in a single all-reduce; a full fine-tune never holds a second copy of every gradient.
 BUCKET_NUMEL = 1 << 25  # 128 MiB of float32
+# Rank r's torch RNG is reseeded with train.seed + RANK_SEED_STRIDE * r once the model is built (a prime,
+# so the ranks of runs with nearby seeds do not share streams in practice).
+RANK_SEED_STRIDE = 1_000_003
 
 
 def is_main() -> bool:
@@ -105,6 +115,18 @@ class Distributed:
         box = [obj]
         tdist.broadcast_object_list(box, src=0, device=self._comm_device)
         return box[0]
+
+    def gather(self, obj) -> list | None:
+        """Every rank's ``obj`` (a picklable Python object), in rank order, on rank 0; None elsewhere."""
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size if self.is_main else None
+        tdist.gather_object(obj, out, dst=0)
+        return out
+
+    def rank_seed(self, seed: int) -> int:
+        """This rank's seed for what is random per rank (LoRA dropout masks); ``seed`` in one process."""
+        return seed + RANK_SEED_STRIDE * self.rank
 
     def barrier(self) -> None:
         if self.world_size > 1:

@@ -232,6 +232,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     model.train()
     dist.shard(model)  # train.fsdp: FSDP2 over each decoder layer, then the root; otherwise nothing
     params = trainable_parameters(model)  # (FSDP2 replaced them by sharded DTensors)
+    if dist.world_size > 1:  # the same init on every rank above; from here each rank its own dropout masks
+        torch.manual_seed(dist.rank_seed(cfg.train.seed))  # CPU and every CUDA device
 
     # ---- batching: packed bins of max_seq_len tokens, or one padded record a row ---------------------
     pad_id = tokenizer.pad_id
@@ -272,7 +274,10 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
              "tokens": 0, "response_tokens": 0}
     if resume_from is not None:  # every rank: the weights, and the global data position
         with dist.gathered(model, optimizer):
-            state.update(ckpt_mod.load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler))
+            state.update(ckpt_mod.load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler,
+                                                  rank=dist.rank))
+        if dist.rank and not ckpt_mod.has_rank_rng(resume_from, dist.rank):
+            torch.manual_seed(dist.rank_seed(cfg.train.seed))  # written by fewer processes: not rank 0's stream
         _say(f"resumed from {resume_from} at step {state['step']}")
     metrics = (MetricsLog(run_dir / "metrics.jsonl", resume_step=state["step"] if resume_from else None)
                if dist.is_main else distributed.NullLog())
@@ -289,10 +294,12 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
 
     def checkpoint(step: int) -> None:
         extra = (lambda d: save_weights(d / "adapter")) if cfg.lora.enabled else None
+        rng_states = dist.gather(ckpt_mod.rng_state())  # every rank's RNG states, on rank 0
         with dist.gathered(model, optimizer):  # FSDP2: whole LoRA tensors on every rank; rank 0 writes
             if dist.is_main:
                 ckpt_mod.save_checkpoint(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                                         trainer_state=state, keep=cfg.output.keep_checkpoints, write_extra=extra)
+                                         trainer_state=state, keep=cfg.output.keep_checkpoints, write_extra=extra,
+                                         rng_states=rng_states)
 
     def checkpoint_before_stop(step: int) -> Path | None:
         """This step's checkpoint (unless the schedule just wrote it, or the weights are not finite);

@@ -63,6 +63,25 @@ def test_every_rng_state_and_the_optimizer_round_trip(tmp_path):
         "trainable.safetensors", "trainer_state.json"]
 
 
+def test_every_rank_gets_its_own_rng_states_back(tmp_path):
+    """Under torchrun rank 0 writes every rank's RNG states (rng-rank{r} beside rng); each rank restores
+    its own, and a rank the checkpoint has none for gets rank 0's (a single-process checkpoint)."""
+    model, opt, sched = tiny_state()
+    states, expected = [], []
+    for seed in (3, 4):  # two "ranks"
+        torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
+        states.append(ckpt_mod.rng_state())
+        expected.append(draws())
+    ckpt = ckpt_mod.save_checkpoint(tmp_path, 1, model=model, optimizer=opt, scheduler=sched,
+                                    trainer_state={}, keep=2, rng_states=states)
+    assert {"rng-rank1.json", "rng-rank1.safetensors"} <= {p.name for p in ckpt.iterdir()}
+    assert not any(p.name.startswith("rng-rank0") for p in ckpt.iterdir())
+    for rank, want in [(0, expected[0]), (1, expected[1]), (2, expected[0])]:
+        assert ckpt_mod.has_rank_rng(ckpt, rank) == (rank < 2)
+        ckpt_mod.load_checkpoint(ckpt, model=model, optimizer=opt, scheduler=sched, rank=rank)
+        assert draws() == want, rank
+
+
 def test_half_written_and_replaced_leftovers(tmp_path):
     model, opt, sched = tiny_state()
     save(tmp_path, 2, model, opt, sched, keep=3)

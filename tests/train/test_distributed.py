@@ -92,6 +92,25 @@ def test_data_parallel_equals_one_process_and_resumes(tmp_path):
     assert [r["step"] for r in metrics(dp) if r["kind"] == "train"] == [1, 2, 3, 4]
 
 
+def test_data_parallel_dropout_per_rank_streams_resume_bitwise(tmp_path):
+    """LoRA dropout under 2 ranks: each rank draws from its own RNG stream, every rank's stream is in the
+    checkpoint, and a resumed run ends bit for bit where the uninterrupted one did."""
+    dp = tmp_path / "dp"
+    torchrun(overrides={**COMMON, "lora.dropout": 0.1, "train.max_steps": 4, "output.checkpoint_every": 2,
+                        "output.dir": dp})
+    finished, losses = adapter(dp), [r["loss"] for r in metrics(dp) if r["kind"] == "train"]
+    ckpt = dp / "checkpoints" / "step-2"
+    rank0, rank1 = load_file(str(ckpt / "rng.safetensors")), load_file(str(ckpt / "rng-rank1.safetensors"))
+    assert not torch.equal(rank0["torch"], rank1["torch"])  # different streams: different dropout masks
+    assert json.loads((ckpt / "rng.json").read_text()).keys() == json.loads((ckpt / "rng-rank1.json").read_text()).keys()
+
+    rewind_to_step(dp, 2, last=4)
+    torchrun("--resume", str(dp))
+    resumed = adapter(dp)
+    assert all(torch.equal(resumed[k], finished[k]) for k in finished)
+    assert [r["loss"] for r in metrics(dp) if r["kind"] == "train"] == losses
+
+
 def test_sharded_4bit_run_trains_resumes_and_its_adapter_loads(tmp_path):
     """FSDP2 over 2 ranks with an NF4 base (its packed codes sharded): the update of one process with the
     same global batch; resuming scatters the checkpoint back into the shards; the adapter is whole."""
