@@ -80,6 +80,12 @@ def _check_runtime(cfg: Config) -> list[str]:
         if not torch.cuda.is_available():
             out.append("config key 'train.device' is cuda but no CUDA device is available; "
                        "use --train.device auto (or cpu)")
+    if cfg.train.kernels == "on" and os.environ.get("TRITON_INTERPRET") != "1":
+        import torch
+
+        if cfg.train.device == "cpu" or not torch.cuda.is_available():
+            out.append("config key 'train.kernels' is on, which runs the Triton kernels, but training runs on the "
+                       "CPU; use --train.kernels auto (or set TRITON_INTERPRET=1 for Triton's slow interpreter)")
     if cfg.model.load_in_4bit and not cfg.lora.enabled:
         out.append("config key 'model.load_in_4bit' needs lora.enabled true (a 4-bit base is frozen); "
                    "set --lora.enabled true or --model.load_in_4bit false")

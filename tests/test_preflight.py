@@ -43,6 +43,16 @@ def test_output_dir_problems(tmp_path):
     assert "exists and is not a directory" in p
 
 
+def test_kernels_on_without_a_gpu(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    [p] = problems(cfg_for(tmp_path, **{"train.kernels": "on"}))
+    assert "'train.kernels' is on" in p and "--train.kernels auto" in p
+    pf.preflight(cfg_for(tmp_path, **{"train.kernels": "auto"}))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter (tests) may run them on the CPU
+    pf.preflight(cfg_for(tmp_path, **{"train.kernels": "on"}))
+
+
 def test_every_data_problem_is_reported_at_once(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
