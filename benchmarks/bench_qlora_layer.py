@@ -27,6 +27,7 @@ weights. Results go to benchmarks/results/<date>-<device>-qlora-layer.json.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -112,8 +113,6 @@ def dequant_bandwidth(device, reps, out_features, in_features) -> dict:
 
 
 def _interpreting() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -127,6 +126,11 @@ def _projection_dims(shape) -> dict:
     kv = shape["num_key_value_heads"] * (h // shape["num_attention_heads"])
     return {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h),
             "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+
+
+def _parent(layer, name: str):
+    """The block (attention or MLP) of a decoder layer that holds projection ``name``."""
+    return layer.self_attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp
 
 
 def _quantized_weights(shape, seed=0) -> dict:
@@ -162,7 +166,7 @@ def _fastsft_layer(shape, qweights, lora, device, dtype, dense_fp32=False):
     cfg = _model_config(shape)
     layer = DecoderLayer(cfg, 0)
     for name, (packed, qs, dense) in qweights.items():
-        parent = layer.self_attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp
+        parent = _parent(layer, name)
         if dense_fp32:
             lin = torch.nn.Linear(dense.shape[1], dense.shape[0], bias=False)
             lin.weight.data = dense.clone()
@@ -177,7 +181,7 @@ def _fastsft_layer(shape, qweights, lora, device, dtype, dense_fp32=False):
         layer.post_attention_layernorm.to(dtype)
     apply_lora(layer, r=RANK, alpha=RANK, target_modules=list(TARGETS))
     for name, (a, b) in lora.items():
-        parent = layer.self_attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp
+        parent = _parent(layer, name)
         m = getattr(parent, name)
         m.lora_A.weight.data = a.to(device)
         m.lora_B.weight.data = b.to(device)
@@ -204,7 +208,7 @@ def _hf_layer(shape, qweights, lora, device, dtype):
     cfg._attn_implementation = "sdpa"
     layer = LlamaDecoderLayer(cfg, 0).to(device=device, dtype=dtype)
     for name, (packed, qs, _) in qweights.items():
-        parent = layer.self_attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp
+        parent = _parent(layer, name)
         old = getattr(parent, name)
         lin = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=False, compute_dtype=dtype,
                                 quant_type="nf4", compress_statistics=True, device=device)
@@ -214,7 +218,7 @@ def _hf_layer(shape, qweights, lora, device, dtype):
         setattr(parent, name, lin)
     layer = peft.inject_adapter_in_model(peft.LoraConfig(r=RANK, lora_alpha=RANK, target_modules=list(TARGETS)), layer)
     for name, (a, b) in lora.items():
-        parent = layer.self_attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp
+        parent = _parent(layer, name)
         m = getattr(parent, name)
         m.lora_A["default"].weight.data = a.to(device=device, dtype=m.lora_A["default"].weight.dtype)
         m.lora_B["default"].weight.data = b.to(device=device, dtype=m.lora_B["default"].weight.dtype)

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
-from .nf4 import QUANT_STATE_KEY
+from .nf4 import QUANT_STATE_KEY, target_linear_names
 from .llama import CausalLM
 
 __all__ = ["load_model", "load_config", "resolve_model_dir", "save_pretrained"]
@@ -108,15 +108,6 @@ def _quantized_module_names(keys) -> set[str]:
     return {k[: -len(suffix)] for k in keys if k.endswith(suffix)}
 
 
-def _target_linear_names(model: CausalLM, target_modules) -> list[str]:
-    targets = set(target_modules)
-    names = [n for n, m in model.named_modules()
-             if type(m) is torch.nn.Linear and n.rsplit(".", 1)[-1] in targets and n != "lm_head"]
-    if not names:
-        raise ValueError(f"load_in_4bit: no linear layer named {sorted(targets)} to quantize")
-    return names
-
-
 def load_model(
     path_or_id: Union[str, os.PathLike],
     dtype: torch.dtype = torch.float32,
@@ -153,7 +144,7 @@ def load_model(
             raise ValueError(f"{d}: config.json says bitsandbytes 4-bit but no weight has an NF4 quant state")
         prequantized = True
     elif load_in_4bit:
-        quantized = _target_linear_names(model, target_modules or ())
+        quantized = target_linear_names(model, target_modules or ())
         prequantized = False
     else:
         quantized, prequantized = [], False

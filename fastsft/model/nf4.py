@@ -37,7 +37,7 @@ from fastsft.kernels import triton_available
 from fastsft.kernels.nf4 import nf4_code, nf4_dequantize_ref
 from fastsft.model.fused import KernelChoice
 
-__all__ = ["NF4Linear", "QUANT_STATE_KEY", "quantize_weight", "quantize_linears"]
+__all__ = ["NF4Linear", "QUANT_STATE_KEY", "quantize_weight", "quantize_linears", "target_linear_names"]
 
 QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"
 BLOCKSIZE = 64  # weights per absmax: QLoRA's and HF's default
@@ -316,16 +316,23 @@ def quantize_weight(w: torch.Tensor, device, *, double_quant: bool = True):
     return bnbF.quantize_4bit(w.to("cpu"), blocksize=BLOCKSIZE, compress_statistics=double_quant, quant_type="nf4")
 
 
-@torch.no_grad()
-def quantize_linears(model: nn.Module, target_modules, compute_dtype: torch.dtype) -> list[str]:
-    """Replace every ``nn.Linear`` whose last name component is in ``target_modules`` by an NF4Linear,
-    one layer at a time (each dense weight is freed as soon as its layer is quantized). The LM head
-    and embeddings stay in full precision. Returns the replaced module names."""
+def target_linear_names(model: nn.Module, target_modules) -> list[str]:
+    """The ``nn.Linear`` modules whose last name component is in ``target_modules``, LM head excluded:
+    what ``load_in_4bit`` quantizes."""
     targets = set(target_modules)
     names = [n for n, m in model.named_modules()
              if type(m) is nn.Linear and n.rsplit(".", 1)[-1] in targets and n != "lm_head"]
     if not names:
         raise ValueError(f"load_in_4bit: no linear layer named {sorted(targets)} to quantize")
+    return names
+
+
+@torch.no_grad()
+def quantize_linears(model: nn.Module, target_modules, compute_dtype: torch.dtype) -> list[str]:
+    """Replace every ``nn.Linear`` whose last name component is in ``target_modules`` by an NF4Linear,
+    one layer at a time (each dense weight is freed as soon as its layer is quantized). The LM head
+    and embeddings stay in full precision. Returns the replaced module names."""
+    names = target_linear_names(model, target_modules)
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

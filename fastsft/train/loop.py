@@ -185,8 +185,6 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     bf16 = device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
     dtype = DTYPES.get(cfg.model.dtype) or (torch.bfloat16 if bf16 else torch.float32)
     load_device = torch.device("cpu") if dist.fsdp else device  # FSDP2 moves only each rank's shards
-    if cfg.model.load_in_4bit and not cfg.lora.enabled:
-        raise ConfigError("config key 'model.load_in_4bit' needs lora.enabled: a 4-bit base is frozen")
     if cfg.model.path:  # 4-bit: a bnb-4bit checkpoint as it is, or quantized weight by weight while loading
         model = load_model(cfg.model.path, dtype=dtype, device=load_device, load_in_4bit=cfg.model.load_in_4bit,
                            target_modules=cfg.lora.target_modules)
