@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from fastsft import config as config_mod
@@ -118,8 +119,21 @@ def _latest_run(runs: Path) -> Path:
     return dirs[-1]
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """fastsft's own warnings (a kernel falling back, with its cause and cost) are sentences for the user:
+    printed as they are, without the file, line and source line Python adds."""
+    text = str(message)
+    if text.startswith("fastsft"):
+        return f"{text}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
+_python_format_warning = warnings.formatwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    warnings.formatwarning = _format_warning
     usage = "usage: fastsft {train,export} [options]   (fastsft train --help lists every option)"
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)

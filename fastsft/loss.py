@@ -30,7 +30,8 @@ import os
 import torch
 import torch.nn as nn
 
-from fastsft.kernels import passes_self_check, relative_error, triton_available
+from fastsft import kernel_usage
+from fastsft.kernels import relative_error, self_check_error, triton_available
 
 # Set by use_implementation(): "kernel" or "reference" forces that path for every call; None follows
 # each call's ``kernels`` argument.
@@ -52,26 +53,48 @@ def use_implementation(name: str | None):
 
 
 def _use_kernel(hidden: torch.Tensor, kernels: str) -> bool:
+    """Whether this call runs the Triton kernel; the choice (and why not) goes to ``fastsft.kernel_usage``."""
     if _impl_override is not None:
-        use = _impl_override == "kernel"
+        use, reason = _impl_override == "kernel", "forced by use_implementation('reference')"
     elif kernels == "auto":
-        return hidden.is_cuda and triton_available() and _kernel_self_check(hidden.device, hidden.dtype)
+        if not hidden.is_cuda:
+            kernel_usage.record("loss", "reference", "CPU tensors: kernels auto runs the Triton loss on CUDA only")
+            return False
+        where = f"{hidden.device} ({str(hidden.dtype).replace('torch.', '')})"
+        if not triton_available():
+            kernel_usage.fallback("loss", "triton is not installed", where=where)
+            return False
+        error = _kernel_self_check(hidden.device, hidden.dtype)
+        if error is not None:
+            kernel_usage.fallback("loss", f"the Triton kernel failed its self-check: {error}", where=where)
+            return False
+        kernel_usage.record("loss", "native", impl=_KERNEL_NAME)
+        return True
     else:
-        use = kernels == "on"
+        use, reason = kernels == "on", "kernels off"
     if use and not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("kernels='on' runs the Triton kernel, which needs CUDA tensors "
                          "(or TRITON_INTERPRET=1 for Triton's slow CPU interpreter)")
     if use and not triton_available():
         raise ValueError("kernels='on' needs triton installed")
+    if use:
+        kernel_usage.record("loss", "native", impl=_KERNEL_NAME)
+    else:
+        kernel_usage.record("loss", "reference", reason)
     return use
 
+
+_KERNEL_NAME = "Triton fused linear cross-entropy"
+
+
 @functools.lru_cache(maxsize=None)
-def _kernel_self_check(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the Triton kernel matches the reference on a small problem on this device and dtype.
+def _kernel_self_check(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when the Triton kernel matches the reference on a small problem on this device and dtype,
+    else the exception that says how it failed.
 
     ``kernels="auto"`` trusts the kernel only after this check (once per process and device/dtype), so
-    a Triton version or device it was never run on degrades to the reference path with a warning
-    instead of a crash or a wrong loss. ``kernels="on"`` skips the check.
+    a Triton version or device it was never run on degrades to the reference path, loudly, instead of a
+    crash or a wrong loss. ``kernels="on"`` skips the check.
     """
     g = torch.Generator().manual_seed(0)
     n, d, v = 37, 64, 300  # awkward sizes: a ragged V tile, some ignored rows
@@ -81,8 +104,8 @@ def _kernel_self_check(device: torch.device, dtype: torch.dtype) -> bool:
     y[::5] = -100
 
     def run(impl, dt):
-        hh = h.to(device, dt).requires_grad_()
-        ww = w.to(device, dt).requires_grad_()
+        hh = h.to(device, dt).clone().requires_grad_()  # own leaves per run: no shared .grad
+        ww = w.to(device, dt).clone().requires_grad_()
         with use_implementation(impl):
             loss = fused_linear_cross_entropy(hh, ww, y.to(device))
         loss.backward()
@@ -95,7 +118,7 @@ def _kernel_self_check(device: torch.device, dtype: torch.dtype) -> bool:
             if not err < 5e-2:  # bf16 inputs are good to ~1e-2 relative here; NaN fails too
                 raise AssertionError(f"{name} differs from the reference by {err:.3g} (relative)")
 
-    return passes_self_check("fused cross-entropy", device, dtype, check)
+    return self_check_error("loss", device, dtype, check)
 
 
 # One chunk of float32 logits (rows x V) plus its softmax stays under this many bytes: 256 MiB keeps

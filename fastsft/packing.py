@@ -49,6 +49,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fastsft import kernel_usage
+
 try:
     from fastsft import _packing as _native
 except ImportError:  # the extension is optional; see setup.py
@@ -117,15 +119,24 @@ def _impl() -> str:
             raise ValueError(f"_override_impl must be None, 'native' or 'python', got {_override_impl!r}")
         if _override_impl == "native" and _native is None:
             raise RuntimeError("fastsft._packing is not built (pip install -e . with a C++17 compiler)")
+        if _override_impl == "python":
+            kernel_usage.record("packing", "reference", "the pure-Python packer forced (_override_impl)")
+        else:
+            kernel_usage.record("packing", "native", impl=_NATIVE_NAME)
         return _override_impl
     if _native is not None:
+        kernel_usage.record("packing", "native", impl=_NATIVE_NAME)
         return "native"
+    kernel_usage.record("packing", "reference", "fastsft._packing (C++ extension) is not built")
     if not _warned_fallback:
         _warned_fallback = True
         warnings.warn("fastsft._packing (C++ extension) is not built; packing uses the slower pure-Python "
                       "path. Rebuild with `pip install -e .` and a C++17 compiler.", RuntimeWarning,
                       stacklevel=3)
     return "python"
+
+
+_NATIVE_NAME = "C++ fastsft._packing"
 
 
 def native_available() -> bool:

@@ -8,7 +8,6 @@ auto uses a kernel only on CUDA tensors when Triton is importable.
 from __future__ import annotations
 
 import importlib.util
-import warnings
 
 
 def triton_available() -> bool:
@@ -22,18 +21,29 @@ def relative_error(got, want) -> float:
     return float((got - want).abs().max() / want.abs().max().clamp_min(1e-6))
 
 
-def passes_self_check(what: str, device, dtype, check) -> bool:
-    """Run ``check()`` (raises when a kernel disagrees with its reference); on failure warn once and
-    return False, so ``kernels: auto`` degrades to the PyTorch path instead of crashing or training
-    wrong on a device or Triton version the kernel was never run on. Out-of-memory still raises."""
+def self_check_error(piece: str, device, dtype, check) -> str | None:
+    """Run ``check()`` (it raises when a kernel disagrees with its reference) and return None when it
+    passes, else the real exception as ``"Type: message"``. ``kernels: auto`` trusts a kernel only after
+    this, so a device or Triton version the kernel was never run on degrades to the PyTorch path (loudly:
+    see ``fastsft.kernel_usage.fallback``) instead of crashing or training wrong. Out-of-memory still
+    raises. The outcome is kept for ``fastsft.kernel_usage.self_checks``."""
+    import time
+
     import torch
 
+    from fastsft import kernel_usage
+
+    t0 = time.perf_counter()
     try:
-        check()
+        # a check runs at the first use of a piece, which may be inside no_grad (an eval) or autocast:
+        # it needs gradients, and sets any autocast it wants itself
+        with kernel_usage.muted(), torch.enable_grad(), torch.autocast(getattr(device, "type", str(device)),
+                                                                       enabled=False):
+            check()
+        error = None
     except torch.OutOfMemoryError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure means: do not trust the kernel here
-        warnings.warn(f"fastsft: the Triton {what} failed its self-check on {device} ({dtype}): "
-                      f"{type(e).__name__}: {e}; using the PyTorch path")
-        return False
-    return True
+        error = f"{type(e).__name__}: {' '.join(str(e).split())[:500]}"
+    kernel_usage.note_self_check(piece, device, dtype, error is None, error, time.perf_counter() - t0)
+    return error

@@ -12,3 +12,15 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_kernel_usage():
+    """Each test starts with an empty record of kernel paths (and its fallback warnings not yet given)."""
+    from fastsft import kernel_usage
+
+    kernel_usage.reset()
+    yield

@@ -134,8 +134,11 @@ def test_return_z_loss_and_bad_arguments():
 
 
 def test_auto_mode_self_check_passes_and_catches_a_broken_kernel(monkeypatch):
-    """kernels="auto" trusts the Triton kernel only after it matched the reference on the device."""
+    """kernels="auto" trusts the Triton kernel only after it matched the reference on the device; a
+    failure is the real exception, and the fallback is loud and recorded with its cost."""
     import os
+
+    from fastsft import kernel_usage
 
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs Triton's interpreter (tests/conftest.py sets it on CPU machines)")
@@ -143,7 +146,7 @@ def test_auto_mode_self_check_passes_and_catches_a_broken_kernel(monkeypatch):
 
     loss_mod._kernel_self_check.cache_clear()
     try:
-        assert loss_mod._kernel_self_check(torch.device("cpu"), torch.float32)
+        assert loss_mod._kernel_self_check(torch.device("cpu"), torch.float32) is None
         loss_mod._kernel_self_check.cache_clear()
         real = flce.cross_entropy_rows
 
@@ -152,7 +155,12 @@ def test_auto_mode_self_check_passes_and_catches_a_broken_kernel(monkeypatch):
             return loss * 1.1, lse, z
 
         monkeypatch.setattr(flce, "cross_entropy_rows", wrong)
-        with pytest.warns(UserWarning, match="failed its self-check"):
-            assert not loss_mod._kernel_self_check(torch.device("cpu"), torch.float32)
+        error = loss_mod._kernel_self_check(torch.device("cpu"), torch.float32)
+        assert error.startswith("AssertionError: loss differs from the reference"), error
+        assert kernel_usage.self_checks()["loss cpu float32"]["error"] == error
+        # what auto mode does with it on a GPU: one warning naming the piece, the exception, the cost
+        with pytest.warns(UserWarning, match=r"loss falls back .*AssertionError: loss differs.*Expected cost"):
+            kernel_usage.fallback("loss", f"the Triton kernel failed its self-check: {error}", where="cuda:0")
+        assert kernel_usage.snapshot()["loss"]["path"] == "reference"
     finally:
         loss_mod._kernel_self_check.cache_clear()

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastsft import config as config_mod
+from fastsft import kernel_usage
 from fastsft.config import Config, ConfigError
 from fastsft.data import DatasetSpec, TokenStore, build_dataset, load_tokenizer
 from fastsft.data.builtin import generate as generate_builtin
@@ -118,6 +119,7 @@ def _say(msg: str) -> None:
 def train(cfg: Config, *, resume: bool = False) -> dict:
     # ---- runtime ------------------------------------------------------------------------------------
     config_mod.validate(cfg)
+    kernel_usage.reset()  # this run's record of which native pieces ran (summary.json: kernels_used)
     preflight(cfg, resume=resume)  # output dir, disk, data files, model: before anything is loaded
     device = torch.device(cfg.train.device if cfg.train.device != "auto"
                           else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -352,6 +354,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     window = {"t": time.time(), "tokens": 0, "slots": 0, "response": 0, "loss": 0.0, "n": 0}
     last_eval = first_eval
+    kernels_said = False
     while state["step"] < total_steps:
         micro = []
         for i in range(step_batches):
@@ -386,6 +389,9 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             _say(f"step {state['step'] + 1}: non-finite loss or gradient norm, update skipped")
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
+        if not kernels_said:  # after one real step every piece has chosen its path: say which, once
+            _say(kernel_usage.summary_line())
+            kernels_said = True
         state["step"] += 1
         state["tokens"] += tokens
         state["response_tokens"] += num_items
@@ -438,6 +444,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         "eval_after": {k: v for k, v in final_eval.items() if k not in ("kind", "samples")},
         "exact_match_baseline": baseline, "samples": final_eval.get("samples", []),
         "peak_memory_bytes": peak_memory_bytes(device), "output": str(out_dir), "data": report,
+        # piece -> native / reference / mixed / unused, with the reason (and on a GPU fallback, the cost)
+        "kernels_used": kernel_usage.snapshot(),
     }
     if dist.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))

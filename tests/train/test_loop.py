@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from fastsft import config as cfgmod
+from fastsft import packing
 from fastsft.train import checkpoint as ckpt_mod
 from fastsft.train.loop import lr_lambda, train
 
@@ -202,3 +203,45 @@ def test_qlora_native_paths_train_like_torch_paths(tmp_path):
         losses[mode] = [r["loss"] for r in records if r["kind"] == "train"]
     assert len(losses["on"]) == 3
     assert losses["on"] == pytest.approx(losses["off"], rel=1e-4)
+
+
+def test_summary_says_which_kernels_ran(tmp_path, capsys):
+    """Every run's summary.json has kernels_used: a path per piece, with the reason for a reference path;
+    the console says the same once, after the first step."""
+    summary = train(tiny_cfg(tmp_path, **{"eval.exact_match": 0}))
+    used = json.loads((tmp_path / "run" / "summary.json").read_text())["kernels_used"]
+    assert used == summary["kernels_used"]
+    assert set(used) >= {"loss", "lora", "rms_norm", "rope", "swiglu", "attention", "packing"}
+    for piece in ("loss", "lora", "rms_norm", "rope", "swiglu", "attention"):  # kernels auto on a CPU
+        assert used[piece]["path"] == "reference" and "CPU tensors" in used[piece]["reason"], (piece, used[piece])
+    assert used["packing"]["path"] == ("native" if packing.native_available() else "reference")
+    out = capsys.readouterr()
+    lines = [line for line in (out.out + out.err).splitlines() if line.startswith("kernels: ")]
+    assert len(lines) == 1 and "loss reference (CPU tensors" in lines[0], lines
+
+
+def test_a_fallback_shows_in_summary_and_on_the_console(tmp_path, monkeypatch, capsys):
+    """A native piece that cannot run where it should (here: packed attention handed torch 2.10's
+    varlen_attn, which takes no window) falls back loudly: a warning with the exception and the cost,
+    the console's kernels line, and summary.json."""
+    import fastsft.model.llama as llama
+
+    def varlen_torch_2_10(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+        raise AssertionError("not callable the way fastsft needs")
+
+    monkeypatch.setattr(llama, "_varlen_supported", lambda device, dtype: True)
+    monkeypatch.setattr(llama, "_varlen_kernel", lambda: ("torch", varlen_torch_2_10))
+    llama._varlen_kernel_checked.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match=r"attention falls back to its PyTorch reference path.*takes no "
+                                             r"window_size.*Expected cost"):
+            summary = train(tiny_cfg(tmp_path, **{"eval.exact_match": 0}))
+    finally:
+        llama._varlen_kernel_checked.cache_clear()
+    used = json.loads((tmp_path / "run" / "summary.json").read_text())["kernels_used"]
+    assert used == summary["kernels_used"]
+    assert used["attention"]["path"] == "reference"
+    assert "window_size" in used["attention"]["reason"] and "mask" in used["attention"]["cost"]
+    out = capsys.readouterr()
+    line = next(x for x in (out.out + out.err).splitlines() if x.startswith("kernels: "))
+    assert "attention reference (" in line and "window_size" in line
