@@ -35,8 +35,14 @@ Dropout: the mask is drawn in the forward as ``F.dropout(ones_like(x))`` (the sa
 same order gate/up/down or q/k/v, as the separate modules' ``F.dropout(x)``, so a seeded reference
 matches), and saved as a bool mask (1 byte per element) rather than the dropped input (s bytes).
 
-Dtypes: everything is computed in ``x.dtype`` (W, b, A and B are cast to it); the gradients of A and
-B come back in their own dtype. The SwiGLU derivative is evaluated in float32.
+Dtypes are those of plain autograd over ``LoRALinear`` (so the two paths agree for every weight dtype x
+autocast the config allows): under autocast everything computes in autocast's dtype (bf16 projections
+of a float32 or float16 x); without it the base computes in x's dtype and the LoRA branch in the
+factors' (float32 factors beside a bf16 base: a float32 branch, rounded once when added). Autocast is
+switched off inside the Functions and every cast is explicit, so in-place ops never meet operands that
+autocast left in another dtype. ``dx`` is summed in x's dtype (float32 for a float32 stream) and comes
+back in it; the gradients of A and B come back in their own dtype. The SwiGLU derivative is evaluated in
+float32.
 
 These are plain torch matmuls: the win is memory (no dense W saved, no LoRA intermediates saved, no
 SwiGLU output saved) and one node per block. A Triton dequantize-into-matmul is future work.
@@ -115,16 +121,35 @@ def _check_bias(bias: Optional[torch.Tensor]) -> None:
         raise ValueError("the base bias must be frozen (requires_grad=False): no gradient is computed for it")
 
 
-def _dropout_noise(x: torch.Tensor, p: float, training: bool) -> Optional[torch.Tensor]:
-    """``keep / (1 - p)`` in x's dtype, or None when dropout is off. Drawn with ``F.dropout`` on a
-    ones tensor so the RNG stream is consumed exactly as ``F.dropout(x)`` would consume it."""
+def _dropout_noise(x: torch.Tensor, p: float, training: bool, factors: torch.Tensor,
+                   dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """``keep / (1 - p)`` in ``dtype`` (the LoRA branch's), or None when dropout is off. Drawn with
+    ``F.dropout`` on a ones tensor in the factors' dtype, so the RNG stream is consumed exactly as the
+    plain layer's ``F.dropout(x.to(factors.dtype))`` consumes it (before any autocast)."""
     if not training or p == 0.0:
         return None
-    return F.dropout(torch.ones_like(x), p, True)
+    return F.dropout(torch.ones(x.shape, dtype=factors.dtype, device=x.device), p, True).to(dtype)
 
 
 def _noise_from_keep(keep: Optional[torch.Tensor], p: float, dtype: torch.dtype) -> Optional[torch.Tensor]:
     return None if keep is None else keep.to(dtype).mul_(1.0 / (1.0 - p))
+
+
+def _compute_dtypes(x: torch.Tensor, lora_a: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """(base, LoRA branch) compute dtypes: autocast's for both where autocast is on for x's device (what
+    plain autograd under autocast computes), else x's for the base and the factors' own for the branch
+    (``LoRALinear`` casts x to the factors' dtype: float32 factors, a float32 branch)."""
+    device_type = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(device_type):
+        dt = torch.get_autocast_dtype(device_type)
+        return dt, dt
+    return x.dtype, lora_a.dtype
+
+
+def _no_autocast(x: torch.Tensor):
+    """Inside the fused Functions every dtype is explicit: autocast would recast some operands and not
+    the in-place ones (the fault this guards against: a bf16 ``y`` meeting float32 factors in addmm_)."""
+    return torch.autocast(x.device.type, enabled=False)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -140,13 +165,17 @@ def lora_linear_forward(
     scaling: float,
     noise: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    """``x W^T + bias + scaling (x * noise) A^T B^T`` -> [N, out]; all operands in x's dtype."""
+    """``x W^T + bias + scaling (x * noise) A^T B^T`` -> [N, out] in x's dtype (w in x's dtype too). The
+    LoRA branch runs in A's dtype (``noise`` too) and is added once rounded, as ``LoRALinear`` does."""
     y = x @ w.t()  # (N, out)
     if bias is not None:
         y.add_(bias.to(y.dtype))
-    xd = x if noise is None else x * noise
+    xd = x.to(a.dtype) if noise is None else x.to(a.dtype) * noise
     xa = xd @ a.t()  # (N, r), transient
-    y.addmm_(xa, b.t(), alpha=scaling)
+    if a.dtype == y.dtype:
+        y.addmm_(xa, b.t(), alpha=scaling)
+    else:
+        y.add_((xa @ b.t()).mul_(scaling).to(y.dtype))
     return y
 
 
@@ -162,24 +191,32 @@ def lora_linear_backward(
     need_a: bool = True,
     need_b: bool = True,
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Gradients of :func:`lora_linear_forward`: ``(dx, dA, dB)``.
+    """Gradients of :func:`lora_linear_forward`: ``(dx, dA, dB)``; dy, x and w in x's dtype, a, b and
+    ``noise`` in the branch's.
 
-    ``dx`` is accumulated into the given buffer (or a new one); it is skipped (None) when ``w`` is None.
-    ``x A^T`` is recomputed here rather than saved (N r extra FLOP-cheap work)."""
-    xd = x if noise is None else x * noise
-    dyb = dy @ b  # (N, r)
+    ``dx`` is accumulated into the given buffer, of any dtype (a float32 buffer sums half-precision
+    contributions without rounding between them), or a new one in x's dtype; it is skipped (None) when
+    ``w`` is None. ``x A^T`` is recomputed here rather than saved (N r extra FLOP-cheap work)."""
+    xd = x.to(a.dtype) if noise is None else x.to(a.dtype) * noise
+    dyl = dy.to(a.dtype)
+    dyb = dyl @ b  # (N, r)
     da = (dyb.t() @ xd).mul_(scaling) if need_a else None  # (r, in)
-    db = (dy.t() @ (xd @ a.t())).mul_(scaling) if need_b else None  # (out, r)
+    db = (dyl.t() @ (xd @ a.t())).mul_(scaling) if need_b else None  # (out, r)
     if w is None:
         return dx, da, db
     if dx is None:
         dx = dy @ w  # (N, in)
-    else:
+    elif dx.dtype == dy.dtype:
         dx.addmm_(dy, w)
-    if noise is None:
+    else:
+        dx.add_(dy @ w)
+    if noise is None and a.dtype == dx.dtype:
         dx.addmm_(dyb, a, alpha=scaling)
     else:
-        dx.add_((dyb @ a).mul_(noise), alpha=scaling)
+        branch = (dyb @ a).mul_(scaling)
+        if noise is not None:
+            branch.mul_(noise)
+        dx.add_(branch.to(dy.dtype))  # rounded to the base's dtype first, as the plain layer's cast does
     return dx, da, db
 
 
@@ -199,6 +236,15 @@ def swiglu_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple
     return dg, du
 
 
+def _dx_buffer(x: torch.Tensor, dt: torch.dtype, need: bool) -> Optional[torch.Tensor]:
+    """Where dx is summed: a zeroed buffer in x's dtype when x is wider than the compute dtype (a float32
+    stream under bf16 autocast: plain autograd sums the projections' bf16 gradients in float32 too),
+    else None (the first projection's dx is the buffer)."""
+    if not need or x.dtype == dt:
+        return None
+    return torch.zeros_like(x)
+
+
 # ----------------------------------------------------------------------------------------------------
 # autograd Functions
 
@@ -211,37 +257,42 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weights, biases, scaling, dropout_p, training, *lora):
         n = len(weights)
+        dt, lt = _compute_dtypes(x, lora[0])
         outs, keeps = [], []
-        for j in range(n):
-            a, b = lora[2 * j], lora[2 * j + 1]
-            noise = _dropout_noise(x, dropout_p, training)
-            w = _materialize(weights[j], (b.shape[0], a.shape[1]), x.dtype)
-            outs.append(lora_linear_forward(x, w, biases[j], a.to(x.dtype), b.to(x.dtype), scaling, noise))
-            del w  # the dense (dequantized) W is dropped right after its matmul
-            keeps.append(None if noise is None else noise != 0)
-        ctx.weights, ctx.scaling, ctx.dropout_p, ctx.n = weights, scaling, dropout_p, n
+        with _no_autocast(x):
+            xc = x.to(dt)
+            for j in range(n):
+                a, b = lora[2 * j], lora[2 * j + 1]
+                noise = _dropout_noise(x, dropout_p, training, a, lt)
+                w = _materialize(weights[j], (b.shape[0], a.shape[1]), dt)
+                outs.append(lora_linear_forward(xc, w, biases[j], a.to(lt), b.to(lt), scaling, noise))
+                del w  # the dense (dequantized) W is dropped right after its matmul
+                keeps.append(None if noise is None else noise != 0)
+        ctx.weights, ctx.scaling, ctx.dropout_p, ctx.n, ctx.dtypes = weights, scaling, dropout_p, n, (dt, lt)
         ctx.save_for_backward(x, *lora, *keeps)
         return tuple(outs)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *dys):
-        n = ctx.n
+        n, (dt, lt) = ctx.n, ctx.dtypes
         saved = ctx.saved_tensors
         x, lora, keeps = saved[0], saved[1 : 1 + 2 * n], saved[1 + 2 * n :]
         need_x = ctx.needs_input_grad[0]
-        dx, grads = None, []
-        for j in range(n):
-            a, b = lora[2 * j], lora[2 * j + 1]
-            need_a, need_b = ctx.needs_input_grad[6 + 2 * j], ctx.needs_input_grad[7 + 2 * j]
-            w = _materialize(ctx.weights[j], (b.shape[0], a.shape[1]), x.dtype) if need_x else None
-            dx, da, db = lora_linear_backward(
-                dys[j].to(x.dtype), x, w, a.to(x.dtype), b.to(x.dtype), ctx.scaling,
-                _noise_from_keep(keeps[j], ctx.dropout_p, x.dtype), dx, need_a, need_b,
-            )
-            del w
-            grads += [None if da is None else da.to(a.dtype), None if db is None else db.to(b.dtype)]
-        return (dx, None, None, None, None, None, *grads)
+        dx, grads = _dx_buffer(x, dt, need_x), []
+        with _no_autocast(x):
+            xc = x.to(dt)
+            for j in range(n):
+                a, b = lora[2 * j], lora[2 * j + 1]
+                need_a, need_b = ctx.needs_input_grad[6 + 2 * j], ctx.needs_input_grad[7 + 2 * j]
+                w = _materialize(ctx.weights[j], (b.shape[0], a.shape[1]), dt) if need_x else None
+                dx, da, db = lora_linear_backward(
+                    dys[j].to(dt), xc, w, a.to(lt), b.to(lt), ctx.scaling,
+                    _noise_from_keep(keeps[j], ctx.dropout_p, lt), dx, need_a, need_b,
+                )
+                del w
+                grads += [None if da is None else da.to(a.dtype), None if db is None else db.to(b.dtype)]
+        return (None if dx is None else dx.to(x.dtype), None, None, None, None, None, *grads)
 
 
 class LoRAMLPFunction(torch.autograd.Function):
@@ -252,21 +303,24 @@ class LoRAMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weights, biases, scaling, dropout_p, training, ag, bg, au, bu, ad, bd):
-        dt = x.dtype
+        dt, lt = _compute_dtypes(x, ag)
         lora = ((ag, bg), (au, bu), (ad, bd))
         shapes = [(b.shape[0], a.shape[1]) for a, b in lora]
-        noises = [_dropout_noise(x, dropout_p, training), _dropout_noise(x, dropout_p, training)]
-        w = _materialize(weights[0], shapes[0], dt)
-        g = lora_linear_forward(x, w, biases[0], ag.to(dt), bg.to(dt), scaling, noises[0])  # (N, i)
-        w = _materialize(weights[1], shapes[1], dt)
-        u = lora_linear_forward(x, w, biases[1], au.to(dt), bu.to(dt), scaling, noises[1])  # (N, i)
-        h = swiglu_forward(g, u)  # (N, i), not saved
-        noises.append(_dropout_noise(h, dropout_p, training))
-        w = _materialize(weights[2], shapes[2], dt)
-        y = lora_linear_forward(h, w, biases[2], ad.to(dt), bd.to(dt), scaling, noises[2])  # (N, h)
-        del w, h
+        with _no_autocast(x):
+            noises = [_dropout_noise(x, dropout_p, training, ag, lt), _dropout_noise(x, dropout_p, training, au, lt)]
+            xc = x.to(dt)
+            w = _materialize(weights[0], shapes[0], dt)
+            g = lora_linear_forward(xc, w, biases[0], ag.to(lt), bg.to(lt), scaling, noises[0])  # (N, i)
+            w = _materialize(weights[1], shapes[1], dt)
+            u = lora_linear_forward(xc, w, biases[1], au.to(lt), bu.to(lt), scaling, noises[1])  # (N, i)
+            h = swiglu_forward(g, u)  # (N, i), not saved
+            noises.append(_dropout_noise(h, dropout_p, training, ad, lt))
+            w = _materialize(weights[2], shapes[2], dt)
+            y = lora_linear_forward(h, w, biases[2], ad.to(lt), bd.to(lt), scaling, noises[2])  # (N, h)
+            del w, h
         keeps = [None if nz is None else nz != 0 for nz in noises]
         ctx.weights, ctx.shapes, ctx.scaling, ctx.dropout_p = weights, shapes, scaling, dropout_p
+        ctx.dtypes = dt, lt
         ctx.save_for_backward(x, g, u, ag, bg, au, bu, ad, bd, *keeps)
         return y
 
@@ -274,32 +328,35 @@ class LoRAMLPFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         x, g, u, ag, bg, au, bu, ad, bd, kg, ku, kd = ctx.saved_tensors
-        dt, s, p = x.dtype, ctx.scaling, ctx.dropout_p
+        (dt, lt), s, p = ctx.dtypes, ctx.scaling, ctx.dropout_p
         need = ctx.needs_input_grad
-        dy = dy.to(dt)
-        h = swiglu_forward(g, u)  # recomputed (N, i)
-        w = _materialize(ctx.weights[2], ctx.shapes[2], dt)
-        dh, dad, dbd = lora_linear_backward(
-            dy, h, w, ad.to(dt), bd.to(dt), s, _noise_from_keep(kd, p, dt), None, need[10], need[11]
-        )
-        del w, h
-        dg, du = swiglu_backward(dh, g, u)
-        del dh
-        need_x = need[0]
-        w = _materialize(ctx.weights[0], ctx.shapes[0], dt) if need_x else None
-        dx, dag, dbg = lora_linear_backward(
-            dg, x, w, ag.to(dt), bg.to(dt), s, _noise_from_keep(kg, p, dt), None, need[6], need[7]
-        )
-        w = _materialize(ctx.weights[1], ctx.shapes[1], dt) if need_x else None
-        dx, dau, dbu = lora_linear_backward(
-            du, x, w, au.to(dt), bu.to(dt), s, _noise_from_keep(ku, p, dt), dx, need[8], need[9]
-        )
-        del w
+        with _no_autocast(x):
+            xc = x.to(dt)
+            dy = dy.to(dt)
+            h = swiglu_forward(g, u)  # recomputed (N, i)
+            w = _materialize(ctx.weights[2], ctx.shapes[2], dt)
+            dh, dad, dbd = lora_linear_backward(
+                dy, h, w, ad.to(lt), bd.to(lt), s, _noise_from_keep(kd, p, lt), None, need[10], need[11]
+            )
+            del w, h
+            dg, du = swiglu_backward(dh, g, u)
+            del dh
+            need_x = need[0]
+            dx = _dx_buffer(x, dt, need_x)
+            w = _materialize(ctx.weights[0], ctx.shapes[0], dt) if need_x else None
+            dx, dag, dbg = lora_linear_backward(
+                dg, xc, w, ag.to(lt), bg.to(lt), s, _noise_from_keep(kg, p, lt), dx, need[6], need[7]
+            )
+            w = _materialize(ctx.weights[1], ctx.shapes[1], dt) if need_x else None
+            dx, dau, dbu = lora_linear_backward(
+                du, xc, w, au.to(lt), bu.to(lt), s, _noise_from_keep(ku, p, lt), dx, need[8], need[9]
+            )
+            del w
 
         def cast(t, like):
             return None if t is None else t.to(like.dtype)
 
-        return (dx, None, None, None, None, None,
+        return (cast(dx, x), None, None, None, None, None,
                 cast(dag, ag), cast(dbg, bg), cast(dau, au), cast(dbu, bu), cast(dad, ad), cast(dbd, bd))
 
 

@@ -176,3 +176,91 @@ def test_trainable_parameters_unchanged_by_configuration():
     before = [id(p) for p in trainable_parameters(model)]
     configure_kernels(model, "on")
     assert [id(p) for p in trainable_parameters(model)] == before
+
+
+# ----------------------------------------------------------------------------------------------------
+# every weight dtype x autocast the config allows (model.dtype x train.precision), through the model
+
+
+@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_fused_lora_under_every_weight_dtype_and_autocast(weights, autocast, calls):
+    """The fused LoRA blocks run (not crash) and are as accurate as the plain LoRA layers for each
+    frozen-base dtype, with and without bf16 autocast: the trainer keeps LoRA factors in float32 beside a
+    base in any of these dtypes. (Autocast gives bf16 projections of a float32/float16 stream; in-place
+    ops inside the fused Functions must not meet operands in two dtypes.) Accuracy: error against the
+    same model in float32 at most twice the plain path's own (flash-attention's rule for low precision)."""
+    m = _model("llama", dropout=0.2)
+    m.to(weights)
+    for p in trainable_parameters(m):  # what the trainer does: optimizer state and updates in float32
+        p.data = p.data.float()
+    ctx = torch.autocast("cpu", dtype=autocast) if autocast is not None else torch.autocast("cpu", enabled=False)
+    with ctx:
+        fused = _run(m, "on", off=("rms_norm", "rope", "swiglu"))
+    assert calls["lora_qkv"] and calls["lora_mlp"]
+    with ctx:
+        plain = _run(m, "off")
+    m.float()  # the same (rounded) weights, every op in float32: the truth both are measured against
+    truth = _run(m, "off")
+    assert fused[0].dtype == plain[0].dtype
+    if weights == torch.float32 and autocast is None:
+        _assert_same(fused, plain)
+        return
+    (hf, gf), (hp, gp), (ht, gt) = fused, plain, truth
+    assert gf.keys() == gp.keys() == gt.keys() and gf
+    assert all(gf[n].dtype == gp[n].dtype == torch.float32 for n in gf)
+
+    def err(a, b):  # relative Frobenius error; over all LoRA gradients at once (per tensor it is noise)
+        a, b = [torch.cat([t.float().flatten() for t in x]) for x in (a, b)]
+        return ((a - b).norm() / b.norm()).item()
+
+    assert err([hf], [ht]) <= 2 * err([hp], [ht]) + 1e-4
+    names = sorted(gf)
+    assert err([gf[n] for n in names], [gt[n] for n in names]) <= 2 * err([gp[n] for n in names], [gt[n] for n in names]) + 1e-4
+
+
+# ----------------------------------------------------------------------------------------------------
+# self-checks (what kernels auto runs on a GPU before trusting a piece), here on the CPU
+
+
+@pytest.mark.parametrize("dtype, autocast", [(torch.float32, None), (torch.float32, torch.bfloat16),
+                                             (torch.bfloat16, None), (torch.float16, torch.bfloat16)])
+def test_lora_self_check_passes_for_every_dtype_and_autocast(dtype, autocast):
+    from fastsft.model import fused
+
+    fused._self_check.cache_clear()
+    with torch.no_grad():  # a piece is first used in an eval forward: the check must still get gradients
+        assert fused._self_check("lora", torch.device("cpu"), dtype, autocast) is None
+
+
+def test_lora_self_check_catches_a_wrong_backward(monkeypatch):
+    """A fused LoRA path that gets the gradient wrong (here: the LoRA term of dX dropped) is refused
+    with the real exception, not trusted."""
+    from fastsft.model import fused
+
+    real = klora.lora_linear_backward
+
+    def wrong(dy, x, w, a, b, scaling, noise, dx=None, need_a=True, need_b=True):
+        return real(dy, x, w, a, b, 0.0 if w is not None else scaling, noise, dx, need_a, need_b)
+
+    monkeypatch.setattr(klora, "lora_linear_backward", wrong)
+    fused._self_check.cache_clear()
+    try:
+        error = fused._self_check("lora", torch.device("cpu"), torch.float32, None)
+    finally:
+        fused._self_check.cache_clear()
+    assert error is not None and error.startswith("AssertionError: an output or gradient of the fused LoRA"), error
+
+
+@pytest.mark.parametrize("piece", ["rms_norm", "rope", "swiglu"])
+def test_triton_self_checks_pass_inside_no_grad_and_autocast(piece):
+    """The first use of a piece can be an eval forward under no_grad and autocast: its self-check
+    (forward and gradients against the reference) must not fail for that reason."""
+    from fastsft.model import fused
+
+    fused._self_check.cache_clear()
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert fused._self_check(piece, torch.device("cpu"), torch.float32, None) is None
+    finally:
+        fused._self_check.cache_clear()
