@@ -8,14 +8,16 @@ never logits: the loss owns the LM-head matmul (see `CausalLM.logits`).
 
 from __future__ import annotations
 
+import inspect
 import math
-import warnings
 from functools import lru_cache
 from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fastsft import kernel_usage
 
 from .checkpointing import checkpoint_layer
 from .config import ModelConfig
@@ -264,9 +266,16 @@ def _build_mask(T: int, key_mask: Optional[torch.Tensor], window: Optional[int],
 # Tokens after cu_seqlens[-1] are padding (they attend among themselves, never to real tokens).
 # With B > 1 every sequence must lie within one row.
 #
-# CUDA (fp16/bf16): a varlen flash kernel -- flash-attn's `flash_attn_varlen_func` if installed,
-# else torch's `torch.nn.attention.varlen.varlen_attn`. Everywhere else (CPU, fp32, no kernel):
-# SDPA with a block-diagonal causal (and windowed) boolean mask [B, 1, T, T].
+# CUDA (fp16/bf16, or float32 weights under half-precision autocast): a varlen flash kernel --
+# flash-attn's `flash_attn_varlen_func` if installed, else torch's `torch.nn.attention.varlen.varlen_attn`.
+# Everywhere else (CPU, float32, no kernel): SDPA with a block-diagonal causal (and windowed) boolean
+# mask [B, 1, T, T]. On CUDA that is a fallback (fastsft.kernel_usage: loud, with its cost).
+#
+# varlen_attn's signature moves between torch releases: 2.11 takes `window_size` and no `enable_gqa`
+# (its flash backend takes fewer K/V heads as they are), later releases need `enable_gqa=True` for GQA,
+# and 2.10 had `is_causal` and no window. The call is built from the signature, and one self-check per
+# process and dtype (forward and gradients against the mask path) decides how GQA is passed: natively,
+# with the flag, or with K/V heads repeated.
 
 # "auto": varlen kernel where it can run, else the mask; "mask": always the SDPA mask path.
 PACKED_ATTN_BACKEND = "auto"
@@ -294,69 +303,134 @@ def _varlen_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
 
 
+def _gqa_modes(name: str, fn: Callable) -> tuple[str, ...]:
+    """How grouped K/V heads may be passed to this kernel, in order of preference: "native" (as they
+    are), "flag" (`enable_gqa=True`), "repeat" (K/V heads repeated to the query heads first: the same
+    attention FLOPs, more K/V memory traffic)."""
+    if name == "flash_attn":
+        return ("native",)
+    params = inspect.signature(fn).parameters
+    if "window_size" not in params:
+        raise TypeError(f"{getattr(fn, '__module__', '')}.{getattr(fn, '__name__', 'varlen_attn')} takes no "
+                        f"window_size (parameters: {', '.join(params)}); fastsft needs torch >= 2.11's varlen_attn")
+    return ("flag",) if "enable_gqa" in params else ("native", "repeat")
+
+
+class VarlenKernel(NamedTuple):
+    name: str  # "flash_attn" or "torch"
+    fn: Callable
+    gqa: str  # see _gqa_modes
+
+    def describe(self) -> str:
+        return f"{self.name} varlen attention (GQA {self.gqa})"
+
+
 class VarlenArgs(NamedTuple):
     """What every layer needs to run the varlen kernel (trailing padding already folded into
     cu_seqlens as a final sequence, so the kernel writes every output row)."""
 
     cu_seqlens: torch.Tensor  # int32 [S'+1], last entry == B*T
     max_seqlen: int
-    kernel: str
-    fn: Callable
+    kernel: VarlenKernel
+    dtype: torch.dtype  # q/k/v go in in this dtype (after RoPE they may be float32 under autocast)
 
     def attend(self, q, k, v, window: Optional[int]) -> torch.Tensor:
         """q [N, H, D], k/v [N, Hkv, D] -> [N, H, D]; causal within each sequence, and within
         the last `window` tokens (self included) where the layer has a sliding window."""
-        ws = (-1, 0) if window is None else (window - 1, 0)
-        cu, m = self.cu_seqlens, self.max_seqlen
-        if self.kernel == "flash_attn":  # GQA native
-            return self.fn(q, k, v, cu, cu, m, m, dropout_p=0.0, causal=True, window_size=ws)
-        return self.fn(q, k, v, cu, cu, m, m, window_size=ws, enable_gqa=k.shape[1] != q.shape[1])
+        ws = (-1, 0) if window is None else (window - 1, 0)  # a tuple: torch reads (-1, 0) as is_causal
+        cu, m, kernel = self.cu_seqlens, self.max_seqlen, self.kernel
+        q, k, v = (t.to(self.dtype) for t in (q, k, v))
+        if kernel.name == "flash_attn":  # GQA native
+            return kernel.fn(q, k, v, cu, cu, m, m, dropout_p=0.0, causal=True, window_size=ws)
+        grouped = k.shape[1] != q.shape[1]
+        if grouped and kernel.gqa == "repeat":
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        extra = {"enable_gqa": grouped} if kernel.gqa == "flag" else {}
+        return kernel.fn(q, k, v, cu, cu, m, m, window_size=ws, **extra)
 
 
-@lru_cache(maxsize=None)
-def _varlen_kernel_checked(device: torch.device, dtype: torch.dtype) -> Optional[tuple[str, Callable]]:
-    """The varlen kernel, once it has matched the mask path on a tiny packed problem on this device.
-
-    The kernels' Python signatures and window conventions move between torch / flash-attn releases,
-    and a mismatch would silently train on wrong attention; one small check per process (two
-    sequences, GQA, with and without a window) turns that into a warning and the mask path.
-    """
-    kernel = _varlen_kernel()
-    if kernel is None:
-        return None
+def _check_varlen(kernel: VarlenKernel, device: torch.device, dtype: torch.dtype) -> None:
+    """Raises unless ``kernel`` matches the mask path (run in float32) in its output and in the
+    gradients of q, k and v, on two packed sequences with GQA, with and without a window."""
     g = torch.Generator().manual_seed(0)
     lens, heads, kv_heads, head_dim = (5, 3), 4, 2, 64
     n = sum(lens)
-    q, k, v = (torch.randn(n, h, head_dim, generator=g).to(device, dtype) for h in (heads, kv_heads, kv_heads))
+    inputs = [torch.randn(n, h, head_dim, generator=g) for h in (heads, kv_heads, kv_heads)]
+    grad_out = torch.randn(n, heads, head_dim, generator=g)
     cu = torch.tensor([0, lens[0], n], dtype=torch.int32, device=device)
-    args = VarlenArgs(cu, max(lens), kernel[0], kernel[1])
+    args = VarlenArgs(cu, max(lens), kernel, dtype)
     seq = _packed_seq_ids(cu, 1, n)
     rep = heads // kv_heads
-    qf, kf, vf = (t.float().transpose(0, 1)[None] for t in (q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)))
+    for window in (None, 2):
+        q, k, v = (t.to(device, dtype).clone().requires_grad_() for t in inputs)  # own leaves per run
+        got = args.attend(q, k, v, window)
+        got.backward(grad_out.to(device, got.dtype))
+        qf, kf, vf = (t.to(device).clone().requires_grad_() for t in inputs)
+        mask = _build_packed_mask(seq, None, window)
+        want = F.scaled_dot_product_attention(qf.transpose(0, 1)[None], kf.repeat_interleave(rep, 1).transpose(0, 1)[None],
+                                              vf.repeat_interleave(rep, 1).transpose(0, 1)[None], attn_mask=mask)
+        want = want[0].transpose(0, 1)
+        want.backward(grad_out.to(device))
+        for name, a, b in (("output", got, want), ("dq", q.grad, qf.grad), ("dk", k.grad, kf.grad),
+                           ("dv", v.grad, vf.grad)):
+            if a is None or a.shape != b.shape or not torch.allclose(a.detach().float(), b.detach(), atol=3e-2, rtol=3e-2):
+                err = "missing" if a is None else (f"shape {tuple(a.shape)}" if a.shape != b.shape
+                                                   else f"max error {float((a.detach().float() - b).abs().max()):.3g}")
+                raise AssertionError(f"{name} differs from the mask path: {err} (window={window})")
+
+
+@lru_cache(maxsize=None)
+def _varlen_kernel_checked(device: torch.device, dtype: torch.dtype) -> tuple[Optional[VarlenKernel], str]:
+    """(the varlen kernel with the GQA handling that matched the mask path on this device and dtype,
+    or None; and what went wrong for each way tried). One check per process, device and dtype: a
+    signature or convention this code does not know would otherwise train on wrong attention."""
+    from fastsft.kernels import self_check_error
+
+    found = _varlen_kernel()
+    if found is None:
+        return None, "no varlen attention kernel is importable (flash-attn, or torch.nn.attention.varlen)"
+    name, fn = found
     try:
-        for window in (None, 2):
-            got = args.attend(q, k, v, window).float()
-            mask = _build_packed_mask(seq, None, window)
-            want = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask)[0].transpose(0, 1)
-            if not torch.allclose(got, want, atol=3e-2, rtol=3e-2):
-                raise AssertionError(f"max error {float((got - want).abs().max()):.3g} (window={window})")
-    except torch.OutOfMemoryError:
-        raise
-    except Exception as e:  # a signature or convention this code does not know: use the mask path
-        warnings.warn(f"fastsft: the {kernel[0]} varlen attention kernel failed its self-check on {device} "
-                      f"({type(e).__name__}: {e}); packed rows use the masked SDPA path instead")
-        return None
-    return kernel
+        modes = _gqa_modes(name, fn)
+    except (TypeError, ValueError) as e:
+        return None, f"{type(e).__name__}: {e}"
+    errors = []
+    for mode in modes:
+        kernel = VarlenKernel(name, fn, mode)
+        error = self_check_error("attention", device, dtype, lambda: _check_varlen(kernel, device, dtype))
+        if error is None:
+            return kernel, ""
+        errors.append(f"{kernel.describe()} failed its self-check: {error}")
+    return None, "; ".join(errors)
+
+
+def _attention_dtype(h: torch.Tensor) -> torch.dtype:
+    """The dtype q/k/v reach attention in: autocast's where it is on (float32 weights), else h's."""
+    dev = h.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
 
 
 def _varlen_args(cu_seqlens: torch.Tensor, max_seqlen: Optional[int], n_tokens: int,
                  dtype: torch.dtype) -> Optional[VarlenArgs]:
-    """VarlenArgs when a varlen kernel can run these tensors, else None (-> mask path)."""
-    if PACKED_ATTN_BACKEND == "mask" or not _varlen_supported(cu_seqlens.device, dtype):
+    """VarlenArgs when a varlen kernel can run these tensors, else None (-> mask path). The choice,
+    and on CUDA why not, goes to fastsft.kernel_usage."""
+    device = cu_seqlens.device
+    if PACKED_ATTN_BACKEND == "mask":
+        kernel_usage.record("attention", "reference", "masked SDPA forced (PACKED_ATTN_BACKEND = 'mask')")
         return None
-    kernel = _varlen_kernel_checked(cu_seqlens.device, dtype)
+    if not _varlen_supported(device, dtype):
+        if device.type != "cuda":
+            kernel_usage.record("attention", "reference", "CPU tensors: packed rows use masked SDPA")
+            return None
+        kernel_usage.fallback("attention", f"{str(dtype).replace('torch.', '')} attention inputs: the flash varlen "
+                              "kernels take fp16/bf16 only (train.precision bf16)", where=str(device))
+        return None
+    kernel, why = _varlen_kernel_checked(device, dtype)
     if kernel is None:
+        kernel_usage.fallback("attention", why, where=f"{device} ({str(dtype).replace('torch.', '')})")
         return None
+    kernel_usage.record("attention", "native", impl=kernel.describe())
     cu = cu_seqlens.to(torch.int32)
     last = int(cu[-1])  # one host sync per forward (not per layer)
     if last > n_tokens:
@@ -366,7 +440,7 @@ def _varlen_args(cu_seqlens: torch.Tensor, max_seqlen: Optional[int], n_tokens: 
     if last < n_tokens:  # trailing padding becomes one more sequence so no output is left unwritten
         cu = torch.cat([cu, cu.new_tensor([n_tokens])])
         max_seqlen = max(int(max_seqlen), n_tokens - last)
-    return VarlenArgs(cu, int(max_seqlen), kernel[0], kernel[1])
+    return VarlenArgs(cu, int(max_seqlen), kernel, dtype)
 
 
 def _packed_seq_ids(cu_seqlens: torch.Tensor, B: int, T: int) -> torch.Tensor:
@@ -461,7 +535,11 @@ class Backbone(nn.Module):
             raise ValueError(f"cu_seqlens must be 1-D [S+1], got shape {tuple(cu_seqlens.shape)}")
         cu_seqlens = cu_seqlens.to(input_ids.device)
         h = self.embed_tokens(input_ids)
-        varlen = None if attention_mask is not None else _varlen_args(cu_seqlens, max_seqlen, B * T, h.dtype)
+        if attention_mask is not None:
+            kernel_usage.record("attention", "reference", "an attention_mask given with packed rows: masked SDPA")
+            varlen = None
+        else:
+            varlen = _varlen_args(cu_seqlens, max_seqlen, B * T, _attention_dtype(h))
         seq_ids = None
         if varlen is None or position_ids is None:
             seq_ids = _packed_seq_ids(cu_seqlens, B, T)

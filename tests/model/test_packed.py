@@ -257,3 +257,105 @@ def test_varlen_kernel_failing_its_self_check_falls_back_to_the_mask(broken, mon
     finally:
         llama._varlen_kernel_checked.cache_clear()
     torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# varlen_attn as each torch release spells it: the call is built from the signature
+
+
+def _varlen_torch_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                       window_size=(-1, -1), k_cache=None, v_cache=None, cache_seqlens=None, cache_batch_idx=None,
+                       page_table=None, seqused_k=None):
+    """torch 2.11's signature: `window_size`, no `enable_gqa`; its flash backend takes fewer K/V heads as
+    they are (flash-attention's MQA/GQA)."""
+    return _reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size=window_size,
+                             enable_gqa=key.shape[1] != query.shape[1])
+
+
+def _varlen_torch_2_11_mha_only(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None,
+                                scale=None, window_size=(-1, -1), k_cache=None, v_cache=None, cache_seqlens=None,
+                                cache_batch_idx=None, page_table=None, seqused_k=None):
+    """The 2.11 signature on a backend that takes only as many K/V heads as query heads."""
+    if key.shape[1] != query.shape[1]:
+        raise RuntimeError("Number of heads in key/value must equal the number of query heads")
+    return _reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size=window_size)
+
+
+def _varlen_torch_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    """torch 2.10's signature: causal flag, no window."""
+    raise AssertionError("must not be called: fastsft cannot express windows or causality through it")
+
+
+def _use_stand_in(monkeypatch, fn):
+    monkeypatch.setattr(llama, "_varlen_supported", lambda device, dtype: True)
+    monkeypatch.setattr(llama, "_varlen_kernel", lambda: ("torch", fn))
+    llama._varlen_kernel_checked.cache_clear()
+
+
+@pytest.mark.parametrize("stand_in, gqa", [(_varlen_torch_2_11, "native"), (_varlen_torch_2_11_mha_only, "repeat"),
+                                           (_reference_varlen, "flag")])
+@pytest.mark.parametrize("kind", ["llama", "qwen2_bias_sw"])
+def test_varlen_is_chosen_with_each_torch_signature(stand_in, gqa, kind, monkeypatch):
+    """torch 2.11 has no `enable_gqa` (passing it raised TypeError, the self-check failed and every packed
+    batch ran the dense mask path); later releases need it for GQA. Each is called the way it takes,
+    the varlen path is chosen (not the mask), and it equals the mask path, sliding windows included."""
+    from fastsft import kernel_usage
+
+    m = _model(kind)
+    _use_stand_in(monkeypatch, stand_in)
+    try:
+        kernel, why = llama._varlen_kernel_checked(torch.device("cpu"), torch.float32)
+        assert kernel is not None, why
+        assert kernel.gqa == gqa
+        rows = [_seqs([5, 13, 1], seed=9), _seqs([9, 1, 6], seed=10)]
+        ids, pos, cu = _pack_rows(rows, 24)
+        with torch.no_grad():
+            h = m(ids, position_ids=pos, cu_seqlens=cu, max_seqlen=13)
+        used = kernel_usage.snapshot()["attention"]
+        assert used == {"path": "native", "impl": f"torch varlen attention (GQA {gqa})"}, used
+        monkeypatch.setattr(llama, "PACKED_ATTN_BACKEND", "mask")
+        with torch.no_grad():
+            torch.testing.assert_close(m(ids, position_ids=pos, cu_seqlens=cu), h, atol=ATOL, rtol=0)
+    finally:
+        llama._varlen_kernel_checked.cache_clear()
+
+
+def test_varlen_without_a_window_argument_falls_back_loudly(monkeypatch):
+    """torch 2.10's varlen_attn (no window_size): not called; the fallback says why and what it costs,
+    and the record says so too."""
+    from fastsft import kernel_usage
+
+    m = _model("mistral_sw")
+    rows = [_seqs([5, 13, 1], seed=9)]
+    ids, pos, cu = _pack_rows(rows, 24)
+    with torch.no_grad():
+        want = m(ids, position_ids=pos, cu_seqlens=cu)
+    kernel_usage.reset()  # that was the CPU's mask path; what follows is the "GPU" one
+    _use_stand_in(monkeypatch, _varlen_torch_2_10)
+    try:
+        with pytest.warns(UserWarning, match=r"attention falls back .*takes no window_size.*Expected cost: packed rows"):
+            with torch.no_grad():
+                got = m(ids, position_ids=pos, cu_seqlens=cu)
+    finally:
+        llama._varlen_kernel_checked.cache_clear()
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    used = kernel_usage.snapshot()["attention"]
+    assert used["path"] == "reference" and "window_size" in used["reason"] and "9x" in used["cost"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: the real varlen kernel (GPU session script)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_real_varlen_kernel_is_chosen_on_the_gpu(dtype):
+    """On a GPU the installed torch's (or flash-attn's) varlen kernel passes its self-check and packed rows
+    use it, for bf16 and fp16 -- never the dense mask path."""
+    from fastsft import kernel_usage
+
+    llama._varlen_kernel_checked.cache_clear()
+    kernel, why = llama._varlen_kernel_checked(torch.device("cuda"), dtype)
+    assert kernel is not None, why
+    m = build_model(ModelConfig(**{**_COMMON, **CONFIGS["qwen2_bias_sw"]}), dtype=dtype, device="cuda", seed=0)
+    rows = [_seqs([5, 13, 1], seed=9), _seqs([9, 1, 6], seed=10)]
+    ids, pos, cu = _pack_rows(rows, 24)
+    with torch.no_grad():
+        m(ids.cuda(), position_ids=pos.cuda(), cu_seqlens=cu.cuda(), max_seqlen=13)
+    assert kernel_usage.snapshot()["attention"]["path"] == "native", kernel_usage.snapshot()["attention"]
