@@ -264,17 +264,15 @@ def test_varlen_kernel_failing_its_self_check_falls_back_to_the_mask(broken, mon
 
 
 def _varlen_torch_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
-                       window_size=(-1, -1), k_cache=None, v_cache=None, cache_seqlens=None, cache_batch_idx=None,
-                       page_table=None, seqused_k=None):
-    """torch 2.11's signature: `window_size`, no `enable_gqa`; its flash backend takes fewer K/V heads as
-    they are (flash-attention's MQA/GQA)."""
+                       window_size=(-1, -1)):
+    """torch 2.11.0's signature, exactly (read from its wheel): `window_size`, no `enable_gqa`; its flash
+    backend takes fewer K/V heads as they are (flash-attention's MQA/GQA)."""
     return _reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size=window_size,
                              enable_gqa=key.shape[1] != query.shape[1])
 
 
 def _varlen_torch_2_11_mha_only(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None,
-                                scale=None, window_size=(-1, -1), k_cache=None, v_cache=None, cache_seqlens=None,
-                                cache_batch_idx=None, page_table=None, seqused_k=None):
+                                scale=None, window_size=(-1, -1)):
     """The 2.11 signature on a backend that takes only as many K/V heads as query heads."""
     if key.shape[1] != query.shape[1]:
         raise RuntimeError("Number of heads in key/value must equal the number of query heads")
