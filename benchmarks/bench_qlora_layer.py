@@ -37,6 +37,7 @@ from pathlib import Path
 import _results  # benchmarks/_results.py (the script's own directory is on sys.path)
 import torch
 
+from fastsft import kernel_usage
 from fastsft.model import ModelConfig
 from fastsft.model.fused import configure_kernels
 from fastsft.model.llama import DecoderLayer, RotaryEmbedding
@@ -275,7 +276,10 @@ def measure_layer(shape, device, dtype, reps) -> list[dict]:
             layer, run = build()
             if name.startswith("fastsft"):
                 configure_kernels(layer, "on" if name == "fastsft" and (device == "cuda" or _interpreting()) else "off")
+            kernel_usage.reset()
             got = fwd_bwd(layer, run, dtype)
+            if name.startswith("fastsft"):  # which path each piece really took: a row never hides a fallback
+                row["kernels_used"] = {k: v for k, v in kernel_usage.snapshot().items() if v["path"] != "unused"}
             row["error_vs_fp32"] = {"output": rel(got[0], ref[0]), "grad_input": rel(got[1], ref[1]),
                                     "grad_lora_A_down": rel(got[2], ref[2])}
             row["ms"] = _median_ms(lambda: fwd_bwd(layer, run, dtype), device, reps)

@@ -26,3 +26,6 @@ def test_qlora_layer_benchmark_smoke(tmp_path):
     assert set(rows) == {"fastsft", "fastsft-torch", "transformers+peft"}
     assert all("error" not in r and r["ms"] > 0 for r in rows.values()), rows
     assert max(rows["fastsft"]["error_vs_fp32"].values()) < 1e-5
+    # each fastsft row says which path its pieces took: the kernels row native, the ablation reference
+    assert {rows["fastsft"]["kernels_used"][k]["path"] for k in ("lora", "rms_norm", "rope")} == {"native"}
+    assert {v["path"] for v in rows["fastsft-torch"]["kernels_used"].values()} == {"reference"}
