@@ -11,13 +11,15 @@ Backward (float32; the rounding of xhat passes gradients through unchanged):
     dw    = sum_rows dy xhat                       (xhat rounded as in the forward, fp32 accumulation)
 
 Layout: one program per row in the forward (the row lives in registers, D masked up to a power of
-two); the backward runs one program per group of rows, each accumulating its share of ``dw`` in a
-float32 register vector, written to a (programs, D) buffer summed by torch at the end.
+two); the backward runs a fixed number of programs, as many as the SMs keep resident, each looping
+over a group of rows and accumulating its share of ``dw`` in a float32 register vector, written to a
+(programs, D) buffer summed by torch at the end.
 
 Budget (N rows, hidden D, s bytes per element): forward reads N D s + D s, writes N D s + N 4
-(the saved ``r``); backward reads 2 N D s (x, dy) + D s, writes N D s (dx) + P D 4 (partials, P ~
-number of SMs). Memory-bound: N=16k, D=4096, bf16 moves ~270 MB forward + ~400 MB backward, ~0.2 ms
-at 3.3 TB/s. torch's eager version makes ~6 passes over N D fp32 temporaries each way.
+(the saved ``r``); backward reads 2 N D s (x, dy) + D s, writes N D s (dx) + P D 4 (partials, P
+programs: 264 on an H100 at D=4096). Memory-bound: N=16k, D=4096, bf16 moves ~270 MB forward +
+~400 MB backward, ~0.2 ms at 3.3 TB/s. torch's eager version makes ~6 passes over N D fp32
+temporaries each way.
 
 References: HF transformers ``LlamaRMSNorm``; Liger-Kernel ``ops/rms_norm.py``; Triton tutorial 05.
 """
@@ -42,6 +44,28 @@ def _num_warps(block_size: int) -> int:
     if block_size >= 2048:
         return 8
     return 4
+
+
+# Warps the backward grid keeps resident per SM: 32 of the 64 an SM holds. Each program loads a row,
+# reduces it across its warps (a barrier), stores dx, then loads the next row, so the loads in flight
+# grow with the rows resident at once. The first version ran one 8-warp program per SM: 8 warps (12.5%)
+# and at most one row of x and dy per SM in flight (16 KB at D=4096 in bf16, none while it reduces),
+# where covering an H100's DRAM latency takes ~18 KB per SM all the time (3.35 TB/s x ~700 ns / 132).
+# The price is P x D float32 dw partials: 4 MB at D=4096 (~2% of the backward's traffic at 16k
+# tokens), ~9% at D=896.
+RESIDENT_WARPS_PER_SM = 32
+# For 32 warps to be resident a thread may use 65536 / (32 x 32) = 64 registers. The launch caps ptxas
+# there: left alone it used 48 and spilled 4 bytes (fp16, D=2048, sm_80).
+BACKWARD_MAX_REGISTERS = 65536 // (RESIDENT_WARPS_PER_SM * 32)
+
+
+def _backward_num_warps(block_size: int) -> int:
+    # The backward keeps five float32 values per column a thread holds (w, the dw accumulator, x, dy,
+    # xhat): at 16 a thread (D=4096 on the forward's 8 warps) ptxas used 96-103 registers (sm_90/sm_80,
+    # benchmarks/aot_compile.py), at 8 a thread it fits 64. So 8 values a thread up to D=8192 (32
+    # warps, the most a program has). D=16384 holds 16 a thread and spills (~60 bytes; the forward's
+    # 16 warps spilled too): it would need the row in two passes.
+    return min(32, max(4, block_size // 256))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -125,13 +149,22 @@ def _block_size(d: int) -> int:
     return block
 
 
-def _num_programs(device: torch.device, n_rows: int) -> int:
-    # backward: one program per SM (each loops over its rows), so the dw partials are P x D, not N x D
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:  # the interpreter: a few programs, so that several row groups (the last ragged) run
-        sms = 4
-    return max(1, min(sms, n_rows))
+def _sm_count(device: torch.device) -> int | None:
+    """SMs of a CUDA device; None elsewhere (benchmarks/aot_compile.py answers as an H100 would)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _num_programs(device: torch.device, n_rows: int, num_warps: int) -> int:
+    # backward: a fixed grid filling every SM's resident slots, each program looping over its rows, so
+    # the dw partials are P x D, not N x D
+    sms = _sm_count(device)
+    if sms is None:  # the interpreter: a few programs, so that several row groups (the last ragged) run
+        programs = 4
+    else:
+        programs = sms * max(1, RESIDENT_WARPS_PER_SM // num_warps)
+    return max(1, min(programs, n_rows))
 
 
 def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,15 +203,16 @@ def rms_norm_backward(
     dx = torch.empty((n, d), dtype=x.dtype, device=x.device)
     if n == 0:
         return dx.reshape(x.shape), torch.zeros_like(weight)
-    programs = _num_programs(x.device, n)
+    block = _block_size(d)
+    num_warps = _backward_num_warps(block)
+    programs = _num_programs(x.device, n, num_warps)
     rows_per_program = triton.cdiv(n, programs)
     programs = triton.cdiv(n, rows_per_program)
     dw_partial = torch.empty((programs, d), dtype=torch.float32, device=x.device)
-    block = _block_size(d)
     _rms_norm_backward_kernel[(programs,)](
         dx, dw_partial, dy2, x2, weight.contiguous(), rstd,
         dx.stride(0), dy2.stride(0), x2.stride(0), n, d, rows_per_program,
-        BLOCK_SIZE=block, num_warps=_num_warps(block),
+        BLOCK_SIZE=block, num_warps=num_warps, maxnreg=BACKWARD_MAX_REGISTERS,
     )
     return dx.reshape(x.shape), dw_partial.sum(0).to(weight.dtype)
 

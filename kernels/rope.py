@@ -155,8 +155,9 @@ def _rope_launch(q, k, cos, sin, backward):
             BLOCK_H_KV=triton.next_power_of_2(max(n_kv, 1)),
             BLOCK_HALF=triton.next_power_of_2(half),
             BACKWARD=backward,
-            # a [H, hd/2] tile per half: 32 x 64 = 2048 values over 4 warps is 16 a thread
-            num_warps=4 if block_h * triton.next_power_of_2(half) <= 2048 else 8,
+            # a [H, hd/2] tile per half, q/k/cos/sin halves live at once: from 32 x 64 = 2048 values on,
+            # 4 warps (16 values a thread) spilled on sm_80 in fp32 (benchmarks/aot_compile.py), so 8
+            num_warps=4 if block_h * triton.next_power_of_2(half) < 2048 else 8,
         )
     if squeeze:
         q_out, k_out = q_out.squeeze(0), k_out.squeeze(0)
