@@ -1,12 +1,16 @@
 """Fused linear cross-entropy: time, extra memory and bf16 error against the peers.
 
     python benchmarks/bench_fused_linear_cross_entropy.py                 # GPU: the issue's shapes
+    python benchmarks/bench_fused_linear_cross_entropy.py --cases 16384x2048x151936 --heads frozen \
+        --masked 0 --providers fastsft,liger,cce,torch-linear-ce,torch  # one shape (the GPU session's)
     python benchmarks/bench_fused_linear_cross_entropy.py --smoke         # CPU: tiny shapes, checks the script
 
 Providers (each skipped with the reason recorded when it cannot be imported):
   fastsft            fastsft.loss.fused_linear_cross_entropy (the Triton kernel on CUDA)
   fastsft-reference  the same function forced onto its plain-PyTorch path (the ablation)
   torch              F.linear + F.cross_entropy (materialises the [N, V] logits)
+  torch-linear-ce    torch.nn.functional.linear_cross_entropy, torch's own fused op (where the installed
+                     torch has it)
   liger              Liger-Kernel's LigerFusedLinearCrossEntropyFunction
   cce                Apple's Cut Cross-Entropy linear_cross_entropy
 
@@ -15,7 +19,9 @@ backward time, the peak memory above the inputs and the gradient outputs ("extra
 loss and gradients in bf16 against a float32 reference next to torch's own bf16 error, and the share of
 the matmul floor reached: 6·N·V·D FLOPs with a trainable head (forward logits, dhidden, dweight),
 4·N·V·D frozen, over the bf16 matmul rate measured in the same run. N counts the kept (unmasked) rows,
-since masked rows need no work at all. Results go to benchmarks/results/<date>-<device>-fused-ce.json.
+since masked rows need no work at all. fastsft's rows also say which path its loss really took
+(``kernels_used``: the Triton kernel, or the reference after a failed self-check), so a number measured
+on a fallback is marked as such. Results go to benchmarks/results/<date>-<device>-fused-ce.json.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import _results  # benchmarks/_results.py (the script's own directory is on sys.
 import torch
 import torch.nn.functional as F
 
+from fastsft import kernel_usage
 from fastsft import loss as fastsft_loss
 
 GPU_CASES = [(8192, 4096, 128256), (16384, 2048, 151936)]
@@ -78,14 +85,28 @@ def _liger():
     return run
 
 
+def _torch_linear_ce():
+    if not hasattr(F, "linear_cross_entropy"):
+        raise RuntimeError(f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy")
+    return lambda h, w, y: F.linear_cross_entropy(h, w, y, ignore_index=-100)
+
+
 def _cce():
     lce = importlib.import_module("cut_cross_entropy").linear_cross_entropy
     return lambda h, w, y: lce(h, w, y)
 
 
-def providers(device: str) -> tuple[dict, dict]:
+PROVIDERS = ("fastsft", "fastsft-reference", "torch", "torch-linear-ce", "liger", "cce")
+
+
+def providers(device: str, wanted=PROVIDERS) -> tuple[dict, dict]:
+    """(name -> fn, name -> why it cannot run here) for the ``wanted`` providers."""
     found = {"fastsft": _fastsft, "fastsft-reference": _fastsft_reference, "torch": _torch}
     missing = {}
+    try:
+        found["torch-linear-ce"] = _torch_linear_ce()
+    except RuntimeError as e:
+        missing["torch-linear-ce"] = str(e)
     if device == "cuda":
         for name, make in (("liger", _liger), ("cce", _cce)):
             try:
@@ -94,7 +115,18 @@ def providers(device: str) -> tuple[dict, dict]:
                 missing[name] = f"{type(e).__name__}: {e}"
     else:
         missing.update(liger="CUDA only", cce="CUDA only")
-    return found, missing
+    return ({k: v for k, v in found.items() if k in wanted}, {k: v for k, v in missing.items() if k in wanted})
+
+
+def parse_cases(text: str) -> list[tuple[int, int, int]]:
+    """``16384x2048x151936,8192x4096x128256`` -> [(N, D, V), ...]."""
+    cases = []
+    for part in text.split(","):
+        dims = part.lower().split("x")
+        if len(dims) != 3 or not all(d.strip().isdigit() and int(d) > 0 for d in dims):
+            raise ValueError(f"a case is NxDxV with positive integers, got {part!r}")
+        cases.append(tuple(int(d) for d in dims))
+    return cases
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -184,26 +216,42 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks that the script runs")
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--cases", default=None, help="NxDxV[,NxDxV...] (default: the GPU cases; smoke: tiny ones)")
+    p.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated, from {', '.join(PROVIDERS)}")
+    p.add_argument("--heads", choices=("both", "frozen", "trainable"), default="both",
+                   help="LM head frozen (LoRA/QLoRA: no weight gradient), trainable, or both")
+    p.add_argument("--masked", default="0,0.5", help="fractions of masked (prompt) rows, comma-separated")
     p.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/...)")
     args = p.parse_args(argv)
+    wanted = args.providers.split(",")
+    unknown = set(wanted) - set(PROVIDERS)
+    if unknown:
+        p.error(f"unknown providers {sorted(unknown)}; known: {', '.join(PROVIDERS)}")
+    try:
+        cases = parse_cases(args.cases) if args.cases else None
+        masked_fractions = [float(m) for m in args.masked.split(",")]
+    except ValueError as e:
+        p.error(str(e))
 
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    cases = SMOKE_CASES if device == "cpu" else GPU_CASES
+    cases = cases or (SMOKE_CASES if device == "cpu" else GPU_CASES)
     reps = 2 if device == "cpu" else args.reps
-    found, missing = providers(device)
+    heads = {"both": (False, True), "frozen": (False,), "trainable": (True,)}[args.heads]
+    found, missing = providers(device, wanted)
     rate = matmul_tflops(device, dtype)
     device_name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     rows = []
     for n, d, v in cases:
-        for trainable in (False, True):
-            for masked in (0.0, 0.5):
+        for trainable in heads:
+            for masked in masked_fractions:
                 h, w, y = make_inputs(n, d, v, masked, trainable, dtype, device)
                 kept = int((y != -100).sum())
                 floor_ms = (6 if trainable else 4) * kept * v * d / (rate * 1e12) * 1e3
                 for name, fn in found.items():
                     row = {"provider": name, "N": n, "D": d, "V": v, "kept_rows": kept, "trainable_head": trainable,
                            "masked_fraction": masked}
+                    kernel_usage.reset()
                     try:
                         row["ms"] = time_fwd_bwd(fn, h, w, y, device, reps)
                         row["extra_memory_bytes"] = extra_memory(fn, h, w, y, device)
@@ -215,6 +263,8 @@ def main(argv=None) -> int:
                         row["error"] = f"{type(e).__name__}: {e}"[:300]
                         if device == "cuda":
                             torch.cuda.empty_cache()
+                    if name.startswith("fastsft"):  # the path the loss really took (a fallback is marked)
+                        row["kernels_used"] = kernel_usage.snapshot()["loss"]
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     result = {

@@ -16,8 +16,23 @@ def test_fused_linear_cross_entropy_benchmark_smoke(tmp_path):
     result = json.loads(out.read_text())
     assert {"device", "versions", "command", "matmul_tflops", "rows"} <= set(result)
     providers = {r["provider"] for r in result["rows"]}
-    assert {"fastsft", "fastsft-reference", "torch"} <= providers
+    assert {"fastsft", "fastsft-reference", "torch", "torch-linear-ce"} <= providers  # torch 2.13 has the last
     assert all("ms" in r and r["error_vs_fp32"]["loss"] < 1e-4 for r in result["rows"])
+    # fastsft's rows say which path the loss took (on a CPU: the reference, and why)
+    assert all(r["kernels_used"]["path"] == "reference" for r in result["rows"] if r["provider"].startswith("fastsft"))
+
+
+def test_fused_linear_cross_entropy_benchmark_cases_and_providers(tmp_path):
+    """--cases/--providers/--heads/--masked pick exactly the rows the GPU session needs."""
+    out = tmp_path / "r.json"
+    _run(REPO / "benchmarks" / "bench_fused_linear_cross_entropy.py", "--smoke", "--cases", "37x48x133",
+         "--providers", "fastsft,torch-linear-ce", "--heads", "frozen", "--masked", "0.25", "--out", out)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["provider"], r["N"], r["D"], r["V"], r["trainable_head"], r["masked_fraction"]) for r in rows] == [
+        ("fastsft", 37, 48, 133, False, 0.25), ("torch-linear-ce", 37, 48, 133, False, 0.25)]
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_fused_linear_cross_entropy.py"),
+                           "--smoke", "--cases", "37x48"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "NxDxV" in proc.stderr
 
 
 def _run(*args, timeout=300):
