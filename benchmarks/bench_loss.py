@@ -7,6 +7,8 @@ Shape: N = 2048 tokens (half masked, as prompt tokens are), hidden D = 512, voca
 
 Providers (each records tokens/s and the [N, V] logits bytes it avoids or pays in extra_info):
   torch              F.linear + F.cross_entropy: materialises the float32 [N, V] logits and their gradient
+  torch-linear-ce    torch.nn.functional.linear_cross_entropy: torch's own fused op (where the installed
+                     torch has it; torch 2.13 does)
   fastsft-reference  fastsft.loss.fused_linear_cross_entropy(kernels="off"): the chunked PyTorch path
                      (the CPU path, the oracle and the benchmark ablation), masked rows dropped first
   fastsft-kernel     the same call on the Triton kernel: CUDA only. On the CPU Triton runs only in its
@@ -67,6 +69,12 @@ def _bench(benchmark, fn, inputs, name):
 
 def test_torch(benchmark, inputs):
     _bench(benchmark, _torch, inputs, "torch")
+
+
+def test_torch_linear_cross_entropy(benchmark, inputs):
+    if not hasattr(F, "linear_cross_entropy"):
+        pytest.skip(f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy")
+    _bench(benchmark, lambda h, w, y: F.linear_cross_entropy(h, w, y, ignore_index=-100), inputs, "torch-linear-ce")
 
 
 def test_fastsft_reference(benchmark, inputs):
