@@ -41,7 +41,10 @@ Measurements
     warm-up). Over the next --steps steps: tokens/s = real (non-pad) tokens / time, response tokens/s
     likewise, step time = mean seconds per optimizer step, peak memory = torch.cuda.max_memory_allocated
     from the first training step on (model setup, e.g. a bf16 base held before it is quantized, is not
-    counted; on CPU the process's peak RSS). fastsft's numbers are read from its own metrics.jsonl.
+    counted; on CPU the process's peak RSS). fastsft's numbers are read from its own metrics.jsonl,
+    and its row carries the run's kernels_used (summary.json): a piece that fell back to its reference
+    path on the GPU, unless the row's ablation switched it off, is listed under "handicapped" and the
+    report marks the row, so a number measured on a fallback is never published as fastsft's.
 
 MFU (model FLOPs utilisation) = model FLOPs per second / the bf16 matmul rate measured in the same run
 (a 8192^3 torch.mm, median of 20 timed with CUDA events). Model FLOPs, per _workload.Flops:
@@ -239,7 +242,33 @@ def worker_fastsft(spec) -> dict:
         "grad_accum": options["train.grad_accum"],
         "setup_s": wall - sum(r["step_time_s"] for r in steps),
         "trainer_seconds": summary.get("seconds"),
+        # the path each native piece took, and any taken on a GPU that this system did not switch off
+        "kernels_used": summary["kernels_used"],
+        "handicapped": handicaps(summary["kernels_used"], spec["options"], spec["device"] == "cuda"),
     }
+
+
+KERNEL_PIECES = ("loss", "lora", "rms_norm", "rope", "swiglu")
+
+
+def handicaps(used: dict, options: dict, cuda: bool) -> list[str]:
+    """``piece: reason`` for every piece that ran its reference path on a GPU although this system does
+    not switch it off (an ablation row's own piece is not a handicap): such a row is marked, never
+    published as if every native piece had run."""
+    if not cuda:
+        return []
+    off = set(options.get("train.kernels_off", []))
+    if options.get("train.kernels") == "off":
+        off |= set(KERNEL_PIECES)
+    if options.get("data.packing") is False:
+        off.add("attention")  # padded rows: no packed attention to choose a kernel for
+    out = []
+    for piece, entry in used.items():
+        if piece in off or entry["path"] not in ("reference", "mixed"):
+            continue
+        reason = entry.get("reason") if entry["path"] == "reference" else entry["reference"].get("reason")
+        out.append(f"{piece}: {reason}")
+    return out
 
 
 def _hf_model(config: dict, device: str, dtype, liger: bool = False, load_in_4bit: bool = True,

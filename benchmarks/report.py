@@ -50,6 +50,8 @@ def table(result: dict) -> str:
         hf = baseline.get(r["model"], {})
         ok = r.get("status") == "ok"
         note = "" if ok else (r.get("reason") or r.get("error") or r.get("status", "")).replace("|", "/")
+        if ok and r.get("handicapped"):  # a native piece fell back on the GPU: the number is not fastsft's best
+            note = ("HANDICAPPED, fell back: " + "; ".join(r["handicapped"])).replace("|", "/")
         if len(note) > 160:
             note = note[:157] + "..."
         mem = r.get("peak_memory_bytes") if ok else None

@@ -59,6 +59,8 @@ def test_train_harness_smoke(tmp_path):
     for name in ("hf-liger", "unsloth"):
         assert rows[name]["status"] == "skipped" and rows[name]["reason"]
     assert "| smoke-llama | fastsft |" in out.with_suffix(".md").read_text()
+    # the fastsft row carries the path every piece took; on a CPU nothing counts as a handicap
+    assert rows["fastsft"]["kernels_used"]["loss"]["path"] == "reference" and rows["fastsft"]["handicapped"] == []
 
 
 def _fake_result(date, models, rows, matmul=700.0):
@@ -104,6 +106,34 @@ def test_report_merge_and_readme(tmp_path):
     text = readme.read_text()
     assert "old" not in text and text.endswith("<!-- perf:end -->\n\n## Scaling out\nkeep\n")
     assert "python bench_train.py --models m1" in text and "| m2 | fastsft | 300 |" in text
+
+
+def _load_benchmark(name):
+    import importlib.util
+
+    sys.path.insert(0, str(REPO / "benchmarks"))  # the scripts import their siblings (_results, _workload)
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_fallback_on_the_gpu_marks_the_row():
+    """A fastsft row whose pieces fell back on a GPU is marked in the results and the table; an ablation's
+    own switched-off piece is not a handicap, nor is anything on a CPU."""
+    bench, report = _load_benchmark("bench_train"), _load_benchmark("report")
+    used = {"loss": {"path": "reference", "reason": "the Triton kernel failed its self-check: TypeError: x"},
+            "lora": {"path": "native"}, "rope": {"path": "mixed", "native": {}, "reference": {"reason": "r"}},
+            "attention": {"path": "reference", "reason": "no varlen kernel"}, "swiglu": {"path": "unused"}}
+    assert bench.handicaps(used, {}, cuda=True) == [
+        "loss: the Triton kernel failed its self-check: TypeError: x", "rope: r", "attention: no varlen kernel"]
+    assert bench.handicaps(used, {"train.kernels_off": ["loss"], "data.packing": False}, cuda=True) == ["rope: r"]
+    assert bench.handicaps(used, {"train.kernels": "off"}, cuda=True) == ["attention: no varlen kernel"]
+    assert bench.handicaps(used, {}, cuda=False) == []
+    row = {**_row("m1", "fastsft", 1000.0, 1 << 30), "handicapped": bench.handicaps(used, {}, cuda=True)}
+    table = report.table(_fake_result("2026-11-20", ["m1"], [row]))
+    assert "HANDICAPPED, fell back: loss: the Triton kernel failed its self-check" in table
 
 
 def test_flop_accounting():
