@@ -24,3 +24,46 @@ def _fresh_kernel_usage():
 
     kernel_usage.reset()
     yield
+
+
+# ----------------------------------------------------------------------------------------------------
+# the GPU session's selection: `pytest -m cuda` runs every test that only a GPU runs, each time-boxed
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: runs only with a CUDA GPU (added to every test with a skipif whose "
+                                       "reason names CUDA or a GPU); benchmarks/gpu_session.py runs `-m cuda`")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the CUDA-only tests from their skip reasons, so that no such test can be left out of the GPU
+    session by forgetting a marker."""
+    import re
+
+    needs_gpu = re.compile(r"\b(cuda|gpu)\b", re.IGNORECASE)
+    for item in items:
+        if any(needs_gpu.search(str(m.kwargs.get("reason", ""))) for m in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.cuda)
+
+
+@pytest.fixture(autouse=True)
+def _time_limit():
+    """FASTSFT_TEST_TIMEOUT=S fails a test that runs longer than S seconds (the GPU machine has no
+    pytest-timeout, and one hung kernel must not eat the session's other tests)."""
+    import signal
+
+    seconds = int(os.environ.get("FASTSFT_TEST_TIMEOUT", "0") or 0)
+    if seconds <= 0 or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TimeoutError(f"the test ran past FASTSFT_TEST_TIMEOUT={seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

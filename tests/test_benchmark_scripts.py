@@ -153,3 +153,56 @@ def test_flop_accounting():
     assert ckpt.per_l2 == 32 * 2 * 32 * 128 * 4 and plain.per_l2 == 32 * 2 * 32 * 128 * 3
     prompt, response = w.real_lengths()
     assert len(prompt) == len(response) > 9000 and (prompt > 0).all() and (response > 0).all()
+
+
+def test_gpu_session_smoke(tmp_path):
+    """The GPU session script, every step at toy sizes on the CPU, so that on the GPU the script itself is
+    never what fails: each step ends ok, session.json holds every step's answers, the speed steps write
+    their result files, and at most 8 files land in the output folder (what the device tool brings back)."""
+    out = tmp_path / "session"
+    _run(REPO / "benchmarks" / "gpu_session.py", "--smoke", "--out", out, timeout=600)
+    session = json.loads((out / "session.json").read_text())
+    steps = {s["step"]: s for s in session["steps"]}
+    assert list(steps) == ["setup", "selfchecks", "train", "kernels", "packing", "cuda-tests", "speed-train",
+                           "speed-loss"]
+    assert all(s["status"] == "ok" for s in steps.values()), [(s["step"], s.get("detail")) for s in steps.values()]
+    assert steps["setup"]["result"]["torch_api_ok"]
+    checks = steps["selfchecks"]["result"]["checks"]
+    assert {f"{p} float32" for p in ("loss", "lora", "rms_norm", "rope", "swiglu", "attention")} <= set(checks)
+    assert all(c["ok"] for name, c in checks.items() if not name.startswith("attention"))
+    assert checks["attention float32"]["error"]  # torch's varlen kernel is CUDA-only: the reason is kept
+    train_runs = steps["train"]["result"]["runs"]
+    assert len(train_runs["auto"]["losses"]) == len(train_runs["off"]["losses"]) == 3
+    assert steps["train"]["result"]["max_loss_difference"] < 1e-4  # on a CPU both runs take the same paths
+    assert "kernels_used" in train_runs["auto"]
+    kernels = steps["kernels"]["result"]
+    for name in ("rms_norm", "rope", "swiglu", "lora_mlp", "loss"):
+        k = kernels["kernels"][name]
+        assert "error" not in k and k["within_2x_of_eager_error"] and k["ms_kernel"] > 0, (name, k)
+    assert kernels["nf4"]["bit_exact"]
+    assert steps["packing"]["result"]["assembly"]["rows"]
+    assert "skipped" in steps["cuda-tests"]["tests"]
+    assert (out / "train-1b.json").exists() and (out / "fused-ce.json").exists()
+    assert len([p for p in out.iterdir() if p.is_file()]) <= 8
+
+
+def test_gpu_session_time_box(tmp_path):
+    """A step that runs past its limit is stopped and recorded as a timeout; the session goes on."""
+    session = _load_benchmark("gpu_session")
+    out = tmp_path / "s"
+    out.mkdir()
+    with open(out / "session.log", "a") as log:
+        row = session.run_step("train", 1.0, True, out, log)
+    assert row["status"] == "timeout" and "ran past" in row["detail"] and row["seconds"] < 30
+
+
+def test_cuda_marker_selects_every_gpu_only_test():
+    """`pytest -m cuda` (the GPU session's test step) is every test that skips here for want of CUDA."""
+    def collect(*args):
+        proc = _run("-m", "pytest", "-q", "--co", "-p", "no:cacheprovider", *args, REPO / "tests")
+        return {line for line in proc.stdout.splitlines() if "::" in line}
+
+    gpu, rest = collect("-m", "cuda"), collect("-m", "not cuda")
+    assert len(gpu) >= 26 and not gpu & rest
+    assert any("test_real_varlen_kernel_is_chosen_on_the_gpu" in t for t in gpu)
+    assert any("test_packing_cuda.py" in t for t in gpu) and any("tests/kernels/" in t for t in gpu)
