@@ -122,19 +122,21 @@ def snapshot() -> dict[str, dict]:
 
 
 def summary_line(used: dict[str, dict] | None = None) -> str:
-    """``kernels: loss native, lora native, rms_norm reference (CPU tensors), ...`` (unused pieces left out)."""
+    """``kernels: loss, lora native; rms_norm, rope reference (CPU tensors: ...); ...``: pieces that took
+    the same path for the same reason share one entry; unused pieces are left out."""
     used = snapshot() if used is None else used
-    parts = []
+    groups: dict[str, list[str]] = {}
     for piece, e in used.items():
         if e["path"] == "unused":
             continue
         if e["path"] == "reference":
-            parts.append(f"{piece} reference ({e.get('reason', '')})")
+            key = f"reference ({e.get('reason', '')})"
         elif e["path"] == "mixed":
-            parts.append(f"{piece} mixed (reference: {e['reference'].get('reason', '')})")
+            key = f"mixed (reference: {e['reference'].get('reason', '')})"
         else:
-            parts.append(f"{piece} native" + (f" ({e['impl']})" if e.get("impl") else ""))
-    return "kernels: " + ", ".join(parts)
+            key = "native" + (f" ({e['impl']})" if e.get("impl") else "")
+        groups.setdefault(key, []).append(piece)
+    return "kernels: " + "; ".join(f"{', '.join(pieces)} {key}" for key, pieces in groups.items())
 
 
 def reset() -> None:

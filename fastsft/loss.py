@@ -58,7 +58,7 @@ def _use_kernel(hidden: torch.Tensor, kernels: str) -> bool:
         use, reason = _impl_override == "kernel", "forced by use_implementation('reference')"
     elif kernels == "auto":
         if not hidden.is_cuda:
-            kernel_usage.record("loss", "reference", "CPU tensors: kernels auto runs the Triton loss on CUDA only")
+            kernel_usage.record("loss", "reference", "CPU tensors: kernels auto runs native pieces on CUDA only")
             return False
         where = f"{hidden.device} ({str(hidden.dtype).replace('torch.', '')})"
         if not triton_available():
