@@ -216,6 +216,7 @@ def worker_fastsft(spec) -> dict:
         "eval.exact_match": 0, "eval.every": 0,
         "output.dir": str(run_dir), "output.log_every": 1, "output.progress": False, "output.plot": False,
         "output.save_random_base": False,  # an 8B random base would be 16 GB of disk writes per run
+        "output.overwrite": True, "output.checkpoint_minutes": 0,  # a scratch run; no mid-run checkpoint in the timings
         **spec["options"],
     }
     cfg = config_mod.Config()

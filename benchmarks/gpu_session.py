@@ -152,6 +152,7 @@ def step_train(smoke: bool, save) -> dict:
             "train.lr": 2e-4, "train.device": device.type, "train.kernels": kernels, "eval.exact_match": 0,
             "output.dir": str(run_dir), "output.log_every": 1, "output.progress": False, "output.plot": False,
             "output.save_random_base": False,
+            "output.overwrite": True, "output.checkpoint_minutes": 0,  # a scratch run; no mid-run checkpoint in the timings
         }.items():
             config_mod.set_option(cfg, key, value)
         summary = train(cfg)

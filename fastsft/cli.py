@@ -7,6 +7,7 @@ with status 2; they never end in a stack trace (set FASTSFT_DEBUG=1 to see one).
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import warnings
@@ -78,44 +79,82 @@ def train_main(argv: list[str]) -> int:
         resume = args.resume is not None
         config_path = args.config
         if resume:
-            run_dir = Path(args.resume or overrides.get("output.dir") or "")
-            if not args.resume and config_path is None and "output.dir" not in overrides:
-                run_dir = _latest_run(Path("runs"))
-            if config_path is None and (run_dir / "config.yaml").exists():
-                config_path = run_dir / "config.yaml"
-            overrides["output.dir"] = str(run_dir)
-        if config_path is None and not resume and not {"data.datasets", "model.path", "model.config"} & set(overrides):
-            config_path = EMBEDDED_DEFAULT
-            print(f"fastsft train: no config or data given: the embedded default ({EMBEDDED_DEFAULT.name})",
-                  file=sys.stderr)
-        cfg = config_mod.load(config_path, overrides)
+            cfg = _resume_config(args.resume, config_path, overrides)
+        else:
+            if config_path is None and not {"data.datasets", "model.path", "model.config"} & set(overrides):
+                config_path = EMBEDDED_DEFAULT
+                print(f"fastsft train: no config or data given: the embedded default ({EMBEDDED_DEFAULT.name})",
+                      file=sys.stderr)
+            cfg = config_mod.load(config_path, overrides)
         from fastsft.train.loop import train
 
         train(cfg, resume=resume)
-    except (ValueError, OSError) as e:  # ConfigError, DataError and model-loading errors are ValueErrors
-        if os.environ.get("FASTSFT_DEBUG"):
+    except RunStopped as e:  # SIGTERM/SIGINT or non-finite losses: a checkpoint is written, say how to resume
+        print(f"fastsft train: {_one_line(e)}", file=sys.stderr)
+        return e.exit_code
+    except Exception as e:  # noqa: BLE001 - sorted below: a user's problem is one line, a bug a traceback
+        if os.environ.get("FASTSFT_DEBUG") or not _user_error(e):
             raise
         for problem in getattr(e, "problems", None) or [_one_line(e)]:  # preflight: every problem it found
             print(f"fastsft train: error: {problem}", file=sys.stderr)
         return 2
-    except RunStopped as e:  # SIGTERM/SIGINT or non-finite losses: a checkpoint is written, say how to resume
-        print(f"fastsft train: {_one_line(e)}", file=sys.stderr)
-        return e.exit_code
     except KeyboardInterrupt:
         print("fastsft train: interrupted", file=sys.stderr)
         return 130
     return 0
 
 
+def _user_error(e: BaseException) -> bool:
+    """Errors a user can fix: config, data, model loading (ValueErrors), files and disks (OSError), and
+    safetensors' own error for a file it cannot write or read."""
+    if isinstance(e, (ValueError, OSError)):
+        return True
+    return type(e).__name__ == "SafetensorError"
+
+
+def _resume_config(resume_arg: str, config_path, overrides: dict):
+    """The config a --resume asks for: the run's saved config.yaml (verified) with the overrides on top, or
+    a config file given on the command line; the trainer then applies or refuses each difference."""
+    from fastsft.train.run_dir import RunDirError, load_saved_config
+
+    if resume_arg:
+        run_dir = Path(resume_arg)
+    elif "output.dir" in overrides:
+        run_dir = Path(overrides["output.dir"])
+    else:
+        run_dir = _latest_run(Path("runs"))
+    if not run_dir.is_dir():
+        what = "does not exist" if not run_dir.exists() else "is not a directory"
+        raise RunDirError(f"--resume: {run_dir} {what}; nothing to resume (start the run without --resume)")
+    overrides = {**overrides, "output.dir": str(run_dir)}
+    if config_path is None and (run_dir / "config.yaml").exists():
+        cfg = load_saved_config(run_dir)
+        for key, value in overrides.items():
+            config_mod.set_option(cfg, key, value)
+        config_mod.validate(cfg)
+        return cfg
+    if config_path is None and not {"data.datasets", "model.path", "model.config"} & set(overrides):
+        config_path = EMBEDDED_DEFAULT  # a run that never wrote its config: what a bare `fastsft train` runs
+    return config_mod.load(config_path, overrides)
+
+
 def _one_line(e: BaseException) -> str:
-    text = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
+    if isinstance(e, OSError) and e.filename:
+        text = f"{e.filename}: {e.strerror}"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            from fastsft.train.files import free_space
+
+            text += f" ({free_space(Path(e.filename))})"
+    else:
+        text = str(e)
     return " ".join(text.split()) or type(e).__name__
 
 
 def _latest_run(runs: Path) -> Path:
-    dirs = sorted((d for d in runs.glob("*") if (d / "checkpoints").is_dir()), key=lambda d: d.stat().st_mtime)
+    """The most recently started run under ``runs/`` (a directory with a config.yaml)."""
+    dirs = sorted((d for d in runs.glob("*") if (d / "config.yaml").is_file()), key=lambda d: d.stat().st_mtime)
     if not dirs:
-        raise ConfigError(f"--resume: no run with checkpoints under {runs}/; pass the run directory")
+        raise ConfigError(f"--resume: no run under {runs}/; pass the run directory")
     return dirs[-1]
 
 

@@ -130,8 +130,15 @@ class EvalConfig:
 @dataclass
 class OutputConfig:
     dir: str = _opt("runs/{time}", "Output directory ({time} becomes the start time).")
-    checkpoint_every: int = _opt(0, "Write a resumable checkpoint every N optimizer steps; 0: only at the end.")
+    checkpoint_every: int = _opt(0, "Write a resumable checkpoint every N optimizer steps; 0: by time only "
+                                    "(output.checkpoint_minutes) and at the end.")
+    checkpoint_minutes: float = _opt(30.0, "Also write a resumable checkpoint when this many minutes of training "
+                                           "passed since the last one, so a killed run loses at most that "
+                                           "much; 0: off.")
     keep_checkpoints: int = _opt(2, "Checkpoints kept (oldest deleted first).")
+    overwrite: bool = _opt(False, "Start over in an output.dir that already holds a run: its checkpoints, "
+                                  "adapter, metrics and token stores are deleted first. Without it such a "
+                                  "directory is refused (--resume continues the run in it).")
     log_every: int = _opt(10, "Log metrics every N optimizer steps.")
     progress: bool = _opt(True, "Show a progress bar.")
     plot: bool = _opt(True, "Write loss.png with the train/eval loss curves.")
@@ -314,6 +321,8 @@ def validate(cfg: Config) -> None:
     need(cfg.data.max_seq_len >= 8, "data.max_seq_len", "must be at least 8")
     need(cfg.output.keep_checkpoints >= 1, "output.keep_checkpoints", "must be at least 1")
     need(cfg.output.log_every >= 1, "output.log_every", "must be at least 1")
+    need(cfg.output.checkpoint_every >= 0, "output.checkpoint_every", "must be 0 (by time only) or positive")
+    need(cfg.output.checkpoint_minutes >= 0, "output.checkpoint_minutes", "must be 0 (off) or positive")
     need(cfg.lora.enabled or not cfg.train.fsdp, "train.fsdp",
          "needs lora.enabled (sharded full fine-tuning is not supported: checkpoints gather the trainable weights whole)")
     unknown = set(cfg.train.kernels_off) - set(KERNEL_PIECES)
@@ -331,5 +340,17 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def dump_text(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def dump(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write ``cfg`` as YAML atomically (a kill leaves the old file or the new one, never an empty one)."""
+    from fastsft.train.files import atomic_write_text
+
+    atomic_write_text(Path(path), dump_text(cfg))
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """{dotted key: value} of every option."""
+    return {f"{section}.{name}": value for section, body in to_dict(cfg).items() for name, value in body.items()}

@@ -257,6 +257,15 @@ def _parse_size(size: Union[int, str]) -> int:
     return int(num * mult)
 
 
+def _umask_modes(out: Path) -> None:
+    """safetensors creates its files 0600; give them the mode the umask allows (0644 by default), as every
+    other file, so a serving process of another user can read them."""
+    from fastsft.train.files import process_umask
+
+    for f in out.glob("*.safetensors"):
+        os.chmod(f, 0o666 & ~process_umask())
+
+
 def save_pretrained(
     model: CausalLM,
     out_dir: Union[str, os.PathLike],
@@ -283,6 +292,7 @@ def save_pretrained(
         (out / stale).unlink(missing_ok=True)
     if limit is None or total <= limit:
         save_file(tensors, str(out / "model.safetensors"), metadata=meta)
+        _umask_modes(out)
         return out
 
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -302,4 +312,5 @@ def save_pretrained(
         weight_map.update({k: fname for k in shard})
     with open(out / "model.safetensors.index.json", "w", encoding="utf-8") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    _umask_modes(out)
     return out

@@ -10,6 +10,13 @@ every file flushed to disk, then renamed: a rename is atomic on POSIX, so a kill
 gone), and the previous checkpoint stays usable. Rewriting an existing ``step-N`` (a resumed run
 redoing the steps after its checkpoint) moves the old one aside first; if the swap is cut short the
 one aside is still found by `list_checkpoints` and put back by the next write. Tensors go to safetensors and everything else to JSON, so resuming never unpickles anything.
+
+Verified: ``manifest.json`` is written last (after every other file is flushed), listing each file's
+size and sha256, the step and the fastsft version. `verify_checkpoint` checks the manifest, every
+checksum, every JSON file's schema and every safetensors header, so a truncated, garbled or bit-flipped
+file is named and the checkpoint skipped (`newest_verified`), never half-loaded. A failed write (disk
+full, I/O error) removes its temporary directory and raises `WriteFailed` naming it and the free space;
+the previous checkpoint is untouched.
 """
 
 from __future__ import annotations
@@ -19,17 +26,26 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from fastsft import __version__
+from fastsft.train.files import (WriteFailed, free_space, fsync_tree, process_alive, reason, sha256_file,
+                                 write_errors)
 from fastsft.train.signals import maybe_kill_for_test
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 TEMP_DIR = re.compile(r"^\.(tmp|old)-step-(\d+)-(\d+)$")  # .tmp-step-N-PID (being written), .old-... (replaced)
-STATE_FILE = "trainer_state.json"  # written last inside the temporary directory
+STATE_FILE = "trainer_state.json"
+MANIFEST = "manifest.json"  # written last inside the temporary directory: sizes and sha256 of every file
+MANIFEST_FORMAT = "fastsft-checkpoint/1"
+REQUIRED = ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json",
+            "rng.safetensors", STATE_FILE)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -51,30 +67,6 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
 
 
-def _fsync_tree(root: Path) -> None:
-    """Flush every file and directory under ``root`` (written by us or by ``write_extra``)."""
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def remove_stale_temporaries(run_dir: Path) -> None:
     """Delete ``.tmp-*`` checkpoint directories left by killed writers (whose process is gone), and
     finish a replacement cut short between its two renames (``.old-step-N-*`` without ``step-N``)."""
@@ -83,11 +75,11 @@ def remove_stale_temporaries(run_dir: Path) -> None:
         return
     for d in sorted(root.iterdir()):
         m = TEMP_DIR.match(d.name)
-        if not m or _process_alive(int(m.group(3))):
+        if not m or process_alive(int(m.group(3))):
             continue
         final = root / f"step-{m.group(2)}"
         try:
-            if m.group(1) == "old" and not final.exists() and (d / STATE_FILE).is_file():
+            if m.group(1) == "old" and not final.exists() and _complete(d):
                 os.rename(d, final)
             else:
                 shutil.rmtree(d)
@@ -144,6 +136,26 @@ def _optimizer_from_files(tensors: dict, meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+class Cadence:
+    """When the loop writes a checkpoint: every ``every`` optimizer steps (0: not by steps) and whenever
+    ``minutes`` of training passed since the last one (0: not by time). The final step is not due: the
+    loop checkpoints it after the final evaluation."""
+
+    def __init__(self, *, every: int, minutes: float, total_steps: int, step: int):
+        self.every, self.minutes, self.total_steps = every, minutes, total_steps
+        self.last_step, self.last_time = step, time.monotonic()
+
+    def due(self, step: int) -> bool:
+        if step == self.total_steps:
+            return False
+        by_steps = bool(self.every) and step % self.every == 0
+        return by_steps or (bool(self.minutes) and time.monotonic() - self.last_time >= 60 * self.minutes)
+
+    def written(self, step: int) -> None:
+        """A checkpoint of ``step`` was written (or tried): the clock starts again."""
+        self.last_step, self.last_time = step, time.monotonic()
+
+
 def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, optimizer, scheduler,
                     trainer_state: dict, keep: int, write_extra=None, rng_states: list | None = None) -> Path:
     """Write ``run_dir/checkpoints/step-{step}`` atomically and keep the newest ``keep`` checkpoints.
@@ -151,17 +163,45 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, optimiz
     ``rng_states``: every rank's `rng_state()`, in rank order (torchrun); default: this process's.
 
     ``write_extra(directory)`` may add files (the loop writes the PEFT adapter, so every checkpoint is
-    also a usable adapter); it runs inside the temporary directory, before the rename.
+    also a usable adapter); it runs inside the temporary directory, before the manifest and the rename.
+
+    A failed write raises `WriteFailed` (one line: the checkpoint, the reason, the free space) after
+    removing the temporary directory; the checkpoints already there are untouched.
     """
     root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(run_dir)
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(run_dir)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        _write_files(tmp, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                     trainer_state=trainer_state, write_extra=write_extra, rng_states=rng_states)
+    except write_errors() as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)
+        raise WriteFailed(f"could not write checkpoint {final} ({reason(e)}); {free_space(root)}; "
+                          f"{'the previous checkpoint ' + previous.name + ' is intact' if previous else 'no earlier checkpoint exists'}"
+                          ) from e
 
+    old = None
+    if final.exists():  # a re-run of the same step (resumed after a crash right after this write)
+        old = root / f".old-step-{step}-{os.getpid()}"
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    # the oldest beyond ``keep``; never this one (the newest, its checksums read back as it was written)
+    older = [c for c in list_checkpoints(run_dir) if _step_of(c) < step]
+    for c in older[:max(0, len(older) - (keep - 1))]:
+        shutil.rmtree(c, ignore_errors=True)
+    return final
+
+
+def _write_files(tmp: Path, step: int, *, model, optimizer, scheduler, trainer_state, write_extra, rng_states):
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     _save_tensors(trainable, tmp / "trainable.safetensors")
     opt_tensors, opt_meta = _optimizer_to_files(optimizer)
@@ -175,43 +215,170 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, optimiz
     if write_extra is not None:
         write_extra(tmp)
     _write_json(tmp / STATE_FILE, {**trainer_state, "step": step})
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
+    # the manifest last: its checksums are read back from the flushed files
+    files = {}
+    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        files[path.relative_to(tmp).as_posix()] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    _write_json(tmp / MANIFEST, {"format": MANIFEST_FORMAT, "step": step, "fastsft_version": __version__,
+                                 "files": files})
+    _fsync_dir(tmp)
 
-    old = None
-    if final.exists():  # a re-run of the same step (resumed after a crash right after this write)
-        old = root / f".old-step-{step}-{os.getpid()}"
-        os.rename(final, old)
-    os.rename(tmp, final)
-    _fsync_dir(root)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+
+def _step_of(ckpt: Path) -> int:
+    m = STEP_DIR.match(ckpt.name) or TEMP_DIR.match(ckpt.name)
+    return int(m.group(1) if STEP_DIR.match(ckpt.name) else m.group(2))
+
+
+def _complete(d: Path) -> bool:
+    """Written to the end: a manifest (or, from fastsft before manifests, the trainer state)."""
+    return (d / MANIFEST).is_file() or (d / STATE_FILE).is_file()
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first. Directories being written (``.tmp-*``) are never listed; a
-    ``step-N`` moved aside by a replacement cut short (``.old-step-N-*``, no ``step-N``) is. Only reads:
-    the one process that writes checkpoints tidies up (`remove_stale_temporaries`)."""
+    """Checkpoints written to the end, oldest first (`verify_checkpoint` says whether each is intact).
+    Directories being written (``.tmp-*``) are never listed; a ``step-N`` moved aside by a replacement
+    cut short (``.old-step-N-*``, no ``step-N``) is. Only reads: the one process that writes checkpoints
+    tidies up (`remove_stale_temporaries`)."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
     found, aside = {}, {}
     for d in root.iterdir():
         m, t = STEP_DIR.match(d.name), TEMP_DIR.match(d.name)
-        if m and (d / STATE_FILE).is_file():
+        if m and d.is_dir():
             found[int(m.group(1))] = d
-        elif t and t.group(1) == "old" and (d / STATE_FILE).is_file():
+        elif t and t.group(1) == "old" and _complete(d):
             aside[int(t.group(2))] = d
     found = {**aside, **found}
     return [found[k] for k in sorted(found)]
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint: what ``--resume`` continues from."""
+    """The newest checkpoint directory (not verified: see `newest_verified`)."""
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1] if ckpts else None
+
+
+def newest_verified(run_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest checkpoint that verifies or None, [(newer checkpoint, why it was skipped)])."""
+    rejected = []
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        problem = verify_checkpoint(ckpt)
+        if problem is None:
+            return ckpt, rejected
+        rejected.append((ckpt, problem))
+    return None, rejected
+
+
+# ----------------------------------------------------------------------------------------------------
+# verification
+
+
+class _Bad(Exception):
+    """One problem with one file of a checkpoint: ``str()`` names the file and the reason."""
+
+
+def _read_json(path: Path, rel: str):
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise _Bad(f"{rel}: missing") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise _Bad(f"{rel}: not valid JSON ({' '.join(str(e).split())[:80]})") from None
+
+
+def _need(ok: bool, rel: str, what: str) -> None:
+    if not ok:
+        raise _Bad(f"{rel}: {what}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_manifest(ckpt: Path) -> dict:
+    m = _read_json(ckpt / MANIFEST, MANIFEST)
+    _need(isinstance(m, dict) and m.get("format") == MANIFEST_FORMAT, MANIFEST, f"not a {MANIFEST_FORMAT} manifest")
+    files = m.get("files")
+    _need(isinstance(files, dict) and all(isinstance(v, dict) and _is_int(v.get("size"))
+                                          and isinstance(v.get("sha256"), str) for v in files.values()),
+          MANIFEST, "its file list is malformed")
+    _need(m.get("step") == _step_of(ckpt), MANIFEST, f"says step {m.get('step')!r}, the directory is {ckpt.name}")
+    for name in REQUIRED:
+        _need(name in files, MANIFEST, f"does not list {name}")
+    for rel, entry in files.items():
+        path = ckpt / rel
+        if ".." in Path(rel).parts or not path.is_file():
+            raise _Bad(f"{rel}: missing")
+        size = path.stat().st_size
+        if size != entry["size"]:
+            raise _Bad(f"{rel}: {size} bytes, the manifest says {entry['size']} (truncated or overwritten)")
+        if sha256_file(path) != entry["sha256"]:
+            raise _Bad(f"{rel}: contents differ from what was written (sha256 mismatch: damaged or edited)")
+    return m
+
+
+def _check_safetensors(path: Path, rel: str) -> dict[str, tuple]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except FileNotFoundError:
+        raise _Bad(f"{rel}: missing") from None
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a bad header
+        raise _Bad(f"{rel}: not a readable safetensors file ({' '.join(str(e).split())[:80]})") from None
+
+
+def _check_schemas(ckpt: Path, step: int | None) -> None:
+    state = _read_json(ckpt / STATE_FILE, STATE_FILE)
+    _need(isinstance(state, dict), STATE_FILE, "is not a JSON object")
+    for key in ("step", "epoch", "batch_in_epoch"):
+        _need(_is_int(state.get(key)) and state[key] >= 0, STATE_FILE, f"'{key}' missing or not a count")
+    if step is not None:
+        _need(state["step"] == step, STATE_FILE, f"says step {state['step']}, the directory is step-{step}")
+    sched = _read_json(ckpt / "scheduler.json", "scheduler.json")
+    _need(isinstance(sched, dict) and _is_int(sched.get("last_epoch")) and isinstance(sched.get("base_lrs"), list)
+          and isinstance(sched.get("lr_lambdas"), list), "scheduler.json",
+          "is not a learning-rate scheduler state (needs last_epoch, base_lrs, lr_lambdas)")
+    opt = _read_json(ckpt / "optimizer.json", "optimizer.json")
+    _need(isinstance(opt, dict) and isinstance(opt.get("scalars"), dict) and isinstance(opt.get("param_groups"), list)
+          and all(isinstance(g, dict) and isinstance(g.get("params"), list) and "lr" in g
+                  for g in opt["param_groups"]), "optimizer.json",
+          "is not an optimizer state (needs param_groups with params and lr, and scalars)")
+    shapes = _check_safetensors(ckpt / "trainable.safetensors", "trainable.safetensors")
+    opt_shapes = _check_safetensors(ckpt / "optimizer.safetensors", "optimizer.safetensors")
+    n_params = sum(len(g["params"]) for g in opt["param_groups"])
+    _need(n_params == len(shapes), "optimizer.json", f"holds {n_params} parameters, the weights {len(shapes)}")
+    for key in opt_shapes:
+        _need(key.split(".", 1)[0].isdigit() and int(key.split(".", 1)[0]) < n_params, "optimizer.safetensors",
+              f"tensor {key!r} belongs to no parameter")
+    rng = _check_safetensors(ckpt / "rng.safetensors", "rng.safetensors")
+    _need("torch" in rng, "rng.safetensors", "has no torch generator state")
+    if (ckpt / "rng.json").exists() or "numpy" in rng:
+        meta = _read_json(ckpt / "rng.json", "rng.json")
+        _need(isinstance(meta, dict) and isinstance(meta.get("python"), dict) and isinstance(meta.get("numpy"), dict)
+              and isinstance(meta["python"].get("state"), list), "rng.json", "is not a Python/NumPy RNG state")
+
+
+def verify_checkpoint(ckpt: Path) -> str | None:
+    """None when ``ckpt`` is intact; otherwise one line naming the damaged file and why.
+
+    With a manifest: every listed file's size and sha256, then the JSON schemas and safetensors headers.
+    A checkpoint from fastsft before manifests gets the schema and header checks only."""
+    ckpt = Path(ckpt)
+    try:
+        if (ckpt / MANIFEST).exists():
+            step = _check_manifest(ckpt)["step"]
+        elif (ckpt / STATE_FILE).exists():
+            step = None  # no checksums to check against
+        else:
+            raise _Bad(f"{MANIFEST}: missing (the write was cut short, or the file was deleted)")
+        _check_schemas(ckpt, step)
+    except _Bad as e:
+        return str(e)
+    except OSError as e:
+        return f"{Path(e.filename).name if e.filename else ckpt.name}: unreadable ({e.strerror or e})"
+    return None
 
 
 def _rng_name(rank: int) -> str:
@@ -235,6 +402,14 @@ def load_checkpoint(ckpt: Path, *, model: torch.nn.Module, optimizer, scheduler,
     if missing or unexpected:
         raise ValueError(f"{ckpt}: checkpoint does not match the model being trained "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]}); was the config changed?")
+    wrong = [f"{n} {tuple(t.shape)} vs {tuple(params[n].shape)}" for n, t in trainable.items()
+             if tuple(t.shape) != tuple(params[n].shape)]
+    if wrong:
+        raise ValueError(f"{ckpt / 'trainable.safetensors'}: tensor shapes do not match the model being trained "
+                         f"({', '.join(wrong[:2])}); was the config changed?")
+    bad = [n for n, t in trainable.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"{ckpt / 'trainable.safetensors'}: weights are not finite ({bad[0]})")
     with torch.no_grad():
         for n, t in trainable.items():
             params[n].copy_(t)

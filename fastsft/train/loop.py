@@ -29,10 +29,12 @@ from fastsft.loss import fused_linear_cross_entropy
 from fastsft.model import ModelConfig, build_model, load_model, save_pretrained
 from fastsft.model.fused import configure_kernels
 from fastsft.model.lora import apply_lora, save_adapter, trainable_parameters
-from fastsft.preflight import preflight
+from fastsft.preflight import PreflightError, preflight
 from fastsft.train import checkpoint as ckpt_mod
 from fastsft.train import distributed
 from fastsft.train import signals
+from fastsft.train.files import atomic_directory, atomic_write_text, free_space, human_bytes, writing
+from fastsft.train.run_dir import RunDirectory, RunDirError
 from fastsft.packing import pack
 from fastsft.train.batching import collate, collate_packed, count_targets, epoch_batches, packed_epoch_batches
 from fastsft.train.evaluate import exact_match, majority_baseline, response_loss
@@ -111,21 +113,95 @@ def _say(msg: str) -> None:
         tqdm.write(msg)
 
 
+def _load_token_stores(data_dir: Path):
+    """(train, eval or None, report) of a resumed run; a file that cannot be read is one line naming it."""
+    path = data_dir / "train.npz"
+    try:
+        train_store = TokenStore.load(path)
+        path = data_dir / "eval.npz"
+        eval_store = TokenStore.load(path) if path.exists() else None
+        path = data_dir / "report.json"
+        report = json.loads(path.read_text())
+    except (OSError, ValueError, KeyError, EOFError) as e:
+        raise RunDirError(f"--resume: {path}: cannot be read ({' '.join(str(e).split())[:100]}); the run cannot "
+                          f"be continued without it (start it again with --output.overwrite true)") from None
+    return train_store, eval_store, report
+
+
+def _weights_finite(params, dist) -> bool:
+    """Whether every trainable weight is finite on every rank (FSDP2: each rank checks its shards)."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+    return dist.sum([int(all(bool(torch.isfinite(p).all()) for p in local))])[0] == dist.world_size
+
+
+def _disk_after_first_checkpoint(ckpt: Path, cfg: Config, run_dir: Path) -> str | None:
+    """A warning when the checkpoints still to be written (``keep_checkpoints`` at once, one more while
+    the newest is written) and the final outputs will not fit, measured from the first checkpoint's size."""
+    import shutil
+
+    size = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+    final = sum(f.stat().st_size for f in (ckpt / "adapter").rglob("*") if f.is_file()) if (ckpt / "adapter").is_dir() \
+        else size // 3  # a full fine-tune's final model: the weights, a third of weights + AdamW moments
+    need = size * cfg.output.keep_checkpoints + final  # beyond this one: `keep` more at peak, then the outputs
+    free = shutil.disk_usage(run_dir).free
+    if free >= need:
+        return None
+    return (f"fastsft: warning: checkpoint {ckpt.name} takes {human_bytes(size)}; the next checkpoints "
+            f"(output.keep_checkpoints={cfg.output.keep_checkpoints}, one more while each is written) and the final "
+            f"outputs need about {human_bytes(need)} more, but only {free_space(run_dir)}: a later write will fail "
+            f"unless space is freed")
+
+
 # ----------------------------------------------------------------------------------------------------
 # the recipe
 
 
 @signals.handle_stop_signals  # SIGTERM/SIGINT: checkpoint at the next step boundary, raise RunStopped
 def train(cfg: Config, *, resume: bool = False) -> dict:
-    # ---- runtime ------------------------------------------------------------------------------------
+    """Train as ``cfg`` says, in ``cfg.output.dir`` (see `run_dir` for what a resume may change)."""
     config_mod.validate(cfg)
     kernel_usage.reset()  # this run's record of which native pieces ran (summary.json: kernels_used)
-    preflight(cfg, resume=resume)  # output dir, disk, data files, model: before anything is loaded
     device = torch.device(cfg.train.device if cfg.train.device != "auto"
                           else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("config key 'train.device' is cuda but no CUDA device is available")
     dist = distributed.setup(cfg, device)  # torchrun: join the process group; each rank on cuda:LOCAL_RANK
+    resolve_run_dir(cfg)
+    cfg.output.dir = dist.broadcast(cfg.output.dir)  # rank 0's {time} on every rank
+    run = _open_run_dir(cfg, resume=resume, dist=dist)  # the lock; fresh / resume / restart; the saved config
+    ok = False
+    try:
+        summary = _train(cfg, run, dist)
+        ok = True
+        return summary
+    finally:
+        run.close(ok=ok)  # a fresh run that failed before training leaves nothing behind
+
+
+def _open_run_dir(cfg: Config, *, resume: bool, dist) -> RunDirectory:
+    """Rank 0 locks and decides; every rank learns the decision (or the one-line error)."""
+    run, error = None, None
+    if dist.is_main:
+        try:
+            run = RunDirectory.open(cfg, resume=resume)
+        except ConfigError as e:
+            error = {"message": str(e), "problems": getattr(e, "problems", None)}
+    shared = dist.broadcast({"error": error, "run": run.shared(cfg) if run else None})
+    if shared["error"]:
+        if shared["error"]["problems"]:  # preflight's: every problem, one line each
+            raise PreflightError(shared["error"]["problems"])
+        raise RunDirError(shared["error"]["message"])
+    if run is None:
+        run = RunDirectory.from_shared(cfg, shared["run"])
+    for line in run.notices:
+        _say(line)
+    return run
+
+
+def _train(cfg: Config, run: RunDirectory, dist) -> dict:
+    # ---- runtime ------------------------------------------------------------------------------------
+    resuming = run.mode == "resume"
+    preflight(cfg, resume=resuming)  # disk, data files, model: before anything is loaded
     device = dist.device
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -134,26 +210,19 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
-    resolve_run_dir(cfg)
-    cfg.output.dir = dist.broadcast(cfg.output.dir)  # rank 0's {time} on every rank
-    run_dir = Path(cfg.output.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resume_from = ckpt_mod.latest_checkpoint(run_dir) if resume else None
-    if resume and resume_from is None:
-        raise ConfigError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
-    if dist.is_main:
-        config_mod.dump(cfg, run_dir / "config.yaml")
+    run_dir = run.path
+    resume_from = run.checkpoint
+    if not resuming:
+        run.write_config(cfg)  # rank 0 only
     started = time.time()
 
     # ---- tokenizer and data -------------------------------------------------------------------------
     tokenizer_spec = cfg.model.tokenizer or (cfg.model.path if cfg.model.path else "byte")
     tokenizer = load_tokenizer(tokenizer_spec, trust_remote_code=cfg.model.trust_remote_code)
     data_dir = run_dir / "data"
-    if resume_from is not None and (data_dir / "train.npz").exists():
-        # the token stores of the interrupted run: same records, same order, no re-tokenising
-        train_store = TokenStore.load(data_dir / "train.npz")
-        eval_store = TokenStore.load(data_dir / "eval.npz") if (data_dir / "eval.npz").exists() else None
-        report = json.loads((data_dir / "report.json").read_text())
+    if resuming and (data_dir / "train.npz").exists():
+        # the token stores of the interrupted run (verified against run.json): same records, same order
+        train_store, eval_store, report = _load_token_stores(data_dir)
     else:
         if cfg.data.datasets:
             specs = _dataset_specs(cfg.data.datasets, cfg)
@@ -167,11 +236,13 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
                                eval_specs=eval_specs, seed=cfg.train.seed)
         train_store, eval_store, report = bundle.train, bundle.eval, bundle.report
         if dist.is_main:  # every rank tokenizes the same records the same way; rank 0 keeps them
-            data_dir.mkdir(exist_ok=True)
-            train_store.save(data_dir / "train.npz")
-            if eval_store is not None:
-                eval_store.save(data_dir / "eval.npz")
-            (data_dir / "report.json").write_text(json.dumps(report, indent=1, default=str))
+            with writing(data_dir, "the token stores"):
+                data_dir.mkdir(exist_ok=True)
+                train_store.save(data_dir / "train.npz")
+                if eval_store is not None:
+                    eval_store.save(data_dir / "eval.npz")
+                atomic_write_text(data_dir / "report.json", json.dumps(report, indent=1, default=str))
+            run.record_inputs("data")
     if len(train_store) == 0:
         raise ConfigError("no training records left after validation and truncation")
     general_store = None
@@ -194,14 +265,16 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     else:
         # a random base is saved beside the run: the adapter means nothing without it
         base_name = str(run_dir / "base_model")
-        if resume_from is not None:
+        if resuming:  # verified against run.json
             model = load_model(base_name, dtype=dtype, device=load_device)
         else:
             src = cfg.model.config
             mcfg = ModelConfig.from_json(src) if Path(src).exists() else ModelConfig.from_name(src)
             model = build_model(mcfg, dtype=dtype, device=load_device, seed=cfg.train.seed)
             if dist.is_main and cfg.output.save_random_base:
-                save_pretrained(model, base_name)
+                with atomic_directory(Path(base_name), f"the random base model {base_name}") as tmp:
+                    save_pretrained(model, tmp)
+                run.record_inputs("base_model")
     vocab = model.lm_head.weight.shape[0]
     max_id = int(train_store.ids.max())
     if max_id >= vocab:
@@ -279,8 +352,13 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         if dist.rank and not ckpt_mod.has_rank_rng(resume_from, dist.rank):
             torch.manual_seed(dist.rank_seed(cfg.train.seed))  # written by fewer processes: not rank 0's stream
         _say(f"resumed from {resume_from} at step {state['step']}")
-    metrics = (MetricsLog(run_dir / "metrics.jsonl", resume_step=state["step"] if resume_from else None)
+        for key, (old, new) in run.changes.items():
+            _say(f"  {key}: {old} -> {new}")
+    metrics = (MetricsLog(run_dir / "metrics.jsonl", resume_step=state["step"] if resuming else None)
                if dist.is_main else distributed.NullLog())
+    if resuming:  # what this resume started from and changed (config.yaml holds the values now in force)
+        metrics.write({"kind": "resume", "step": state["step"], "checkpoint": resume_from.name,
+                       "changes": run.changes, "skipped_checkpoints": [list(s) for s in run.skipped]})
 
     def save_weights(out_dir: Path) -> None:
         """The PEFT adapter (LoRA) or the whole model (full fine-tune), with the tokenizer."""
@@ -292,22 +370,39 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             save_pretrained(model, out_dir)
         tokenizer.save(out_dir)
 
-    def checkpoint(step: int) -> None:
+    cadence = ckpt_mod.Cadence(every=cfg.output.checkpoint_every, minutes=cfg.output.checkpoint_minutes,
+                               total_steps=total_steps, step=state["step"])
+    disk_checked = resume_from is not None  # a fresh run measures its first checkpoint against the free disk
+
+    def checkpoint(step: int) -> Path | None:
+        """Checkpoint ``step``, unless the weights are not finite: the last finite checkpoint stays the newest."""
+        nonlocal disk_checked
+        cadence.written(step)
+        if not _weights_finite(params, dist):
+            _say(f"step {step}: the weights are not finite; checkpoint not written (the newest stays "
+                 f"{getattr(ckpt_mod.latest_checkpoint(run_dir), 'name', 'none')})")
+            return None
+        state["log_window"] = {k: v for k, v in window.items() if k != "t"} | {"seconds": time.time() - window["t"]}
         extra = (lambda d: save_weights(d / "adapter")) if cfg.lora.enabled else None
         rng_states = dist.gather(ckpt_mod.rng_state())  # every rank's RNG states, on rank 0
+        written = None
         with dist.gathered(model, optimizer):  # FSDP2: whole LoRA tensors on every rank; rank 0 writes
             if dist.is_main:
-                ckpt_mod.save_checkpoint(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                                         trainer_state=state, keep=cfg.output.keep_checkpoints, write_extra=extra,
-                                         rng_states=rng_states)
+                written = ckpt_mod.save_checkpoint(run_dir, step, model=model, optimizer=optimizer,
+                                                   scheduler=scheduler, trainer_state=state,
+                                                   keep=cfg.output.keep_checkpoints, write_extra=extra,
+                                                   rng_states=rng_states)
+        state.pop("log_window")
+        if written is not None and not disk_checked:
+            disk_checked = True
+            warning = _disk_after_first_checkpoint(written, cfg, run_dir)
+            if warning:
+                _say(warning)
+        return written
 
     def checkpoint_before_stop(step: int) -> Path | None:
-        """This step's checkpoint (unless the schedule just wrote it, or the weights are not finite);
-        decided from the schedule, not the filesystem, so every rank of a torchrun agrees."""
-        written = cfg.output.checkpoint_every and step % cfg.output.checkpoint_every == 0 and step != total_steps
-        local = [p.to_local() if hasattr(p, "to_local") else p for p in params]  # FSDP2: this rank's shards
-        finite = dist.sum([int(all(bool(torch.isfinite(p).all()) for p in local))])[0] == dist.world_size
-        if not written and finite:
+        """This step's checkpoint (unless one was just written for it); the newest checkpoint there is."""
+        if cadence.last_step != step:
             checkpoint(step)
         return ckpt_mod.latest_checkpoint(run_dir)
 
@@ -353,6 +448,11 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     if device.type == "cuda":  # metrics report the peak of training, not of loading (a bf16 base before NF4)
         torch.cuda.reset_peak_memory_stats(device)
     window = {"t": time.time(), "tokens": 0, "slots": 0, "response": 0, "loss": 0.0, "n": 0}
+    if "log_window" in state:  # the steps logged since the last record, from before the resume point
+        restored = state.pop("log_window")
+        window.update({k: restored[k] for k in ("tokens", "slots", "response", "loss", "n")},
+                      t=time.time() - restored["seconds"])
+    run.mark_started()
     last_eval = first_eval
     kernels_said = False
     while state["step"] < total_steps:
@@ -418,7 +518,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         if cfg.eval.every and step % cfg.eval.every == 0 and step != total_steps:
             last_eval = evaluate(step, generate=False)
             _say(f"eval step {step}: " + _eval_line(last_eval, baseline))
-        if cfg.output.checkpoint_every and step % cfg.output.checkpoint_every == 0 and step != total_steps:
+        if dist.broadcast(cadence.due(step)):  # rank 0's clock decides for every rank of a torchrun
             checkpoint(step)
         signals.maybe_kill_for_test("step", step)
         signals.check_stop(step=step, nonfinite_in_a_row=state["nonfinite_in_a_row"],
@@ -429,11 +529,19 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     # ---- outputs ------------------------------------------------------------------------------------
     final_eval = evaluate(state["step"])
     _say("eval after:  " + _eval_line(final_eval, baseline))
+    if not _weights_finite(params, dist):
+        raise signals.RunStopped(f"after step {state['step']} the weights are not finite, so no adapter/model was "
+                                 f"written; the newest finite checkpoint is "
+                                 f"{ckpt_mod.latest_checkpoint(run_dir)}", signals.NONFINITE_EXIT)
     checkpoint(state["step"])
     out_dir = run_dir / ("adapter" if cfg.lora.enabled else "model")
     with dist.gathered(model, optimizer):
-        if dist.is_main:
-            save_weights(out_dir)
+        if dist.is_main:  # written beside, then renamed over: a kill leaves the old outputs or the new ones
+            with atomic_directory(out_dir, f"the {'adapter' if cfg.lora.enabled else 'model'} {out_dir}",
+                                  after=f"the final checkpoint is intact; free space, then resume with: "
+                                        f"{signals.resume_command(run_dir)}") as tmp:
+                save_weights(tmp)
+                signals.maybe_kill_for_test("outputs", state["step"])  # test hook: the adapter half-published
     records = metrics.read()
     if cfg.output.plot and dist.is_main:
         plot_losses(records, run_dir / "loss.png")
@@ -448,7 +556,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         "kernels_used": kernel_usage.snapshot(),
     }
     if dist.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1, default=str))
     _say(f"done: {state['step']} steps in {summary['seconds']:.0f}s; adapter/model in {out_dir}")
     dist.teardown()
     return summary

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from fastsft.train.files import atomic_write_text, writing
+
 
 def peak_memory_bytes(device: torch.device) -> int:
     """Peak CUDA memory allocated, or the process's peak resident set size on CPU."""
@@ -20,22 +22,31 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 class MetricsLog:
-    """Appends records to ``metrics.jsonl``; on resume, drops records past the resumed step."""
+    """Appends records to ``metrics.jsonl``.
+
+    A fresh run starts the file over. A resumed run keeps what the checkpoint it resumed from had seen:
+    records up to its step, minus the ``resume`` record of an earlier resume from the same step (the new
+    one replaces it); records past it are the lost steps', redone. An eval record is written once per
+    step: resuming a finished run does not log its final evaluation again."""
 
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = path
         if resume_step is not None and path.exists():
             # a line cut short by a kill is dropped; the rewrite is atomic, so a second kill loses nothing
-            kept = [line for line in path.read_text().splitlines()
-                    if (r := _parse(line)) is not None and r.get("step", 0) <= resume_step]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
+            kept = [line for line in path.read_text(errors="replace").splitlines()
+                    if (r := _parse(line)) is not None and r.get("step", 0) <= resume_step
+                    and not (r.get("kind") == "resume" and r.get("step") == resume_step)]
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
         elif path.exists():
             path.unlink()
+        self._evals = {r["step"] for r in self.read() if r.get("kind") == "eval"}
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
+        if record.get("kind") == "eval":
+            if record["step"] in self._evals:
+                return
+            self._evals.add(record["step"])
+        with writing(self.path), open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -43,7 +54,7 @@ class MetricsLog:
     def read(self) -> list[dict]:
         if not self.path.exists():
             return []
-        return [r for line in self.path.read_text().splitlines() if (r := _parse(line)) is not None]
+        return [r for line in self.path.read_text(errors="replace").splitlines() if (r := _parse(line)) is not None]
 
 
 def _parse(line: str) -> dict | None:
@@ -73,7 +84,7 @@ def plot_losses(records: list[dict], out_png: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = out_png.with_suffix(".tmp.png")
-    fig.savefig(tmp)
+    tmp = out_png.with_name(f".{out_png.name}.tmp-{os.getpid()}")
+    fig.savefig(tmp, format="png")
     plt.close(fig)
     os.replace(tmp, out_png)

@@ -98,7 +98,8 @@ def maybe_kill_for_test(where: str, step: int) -> None:
     SIGKILL (or the named signal, e.g. SIGTERM) when the run reaches that point, so tests can kill or
     interrupt a real ``fastsft train`` at an exact place. Points: ``step:N`` after optimizer step N (its
     checkpoint, if any, written), ``micro:N`` inside step N after its first micro-batch's backward,
-    ``checkpoint:N`` inside the write of checkpoint N, before the rename that publishes it. Unset
+    ``checkpoint:N`` inside the write of checkpoint N, before the rename that publishes it,
+    ``outputs:N`` inside the write of the final adapter/model (after step N), before its rename. Unset
     (always, outside tests) it does nothing."""
     spec = os.environ.get("FASTSFT_TEST_KILL_AT")
     if not spec or not spec.startswith(f"{where}:{step}"):

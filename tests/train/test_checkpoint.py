@@ -59,7 +59,7 @@ def test_every_rng_state_and_the_optimizer_round_trip(tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert sched2.state_dict() == sched.state_dict()
     assert sorted(p.name for p in ckpt.iterdir()) == [
-        "optimizer.json", "optimizer.safetensors", "rng.json", "rng.safetensors", "scheduler.json",
+        "manifest.json", "optimizer.json", "optimizer.safetensors", "rng.json", "rng.safetensors", "scheduler.json",
         "trainable.safetensors", "trainer_state.json"]
 
 

@@ -83,9 +83,10 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch):
     assert summary["eval_before"]["step"] == 0
 
 
-def test_resume_without_checkpoint_is_an_error(tmp_path):
-    with pytest.raises(cfgmod.ConfigError, match="no complete checkpoint"):
+def test_resume_of_a_missing_directory_is_an_error_that_creates_nothing(tmp_path):
+    with pytest.raises(cfgmod.ConfigError, match="does not exist; nothing to resume"):
         train(tiny_cfg(tmp_path), resume=True)
+    assert not (tmp_path / "run").exists()
 
 
 def test_half_written_checkpoint_is_ignored(tmp_path):
@@ -93,8 +94,11 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
     train(cfg)
     root = tmp_path / "run" / "checkpoints"
     (root / ".tmp-step-9-123").mkdir()
-    (root / "step-10").mkdir()  # no trainer_state.json: incomplete
-    assert ckpt_mod.latest_checkpoint(tmp_path / "run").name == "step-2"
+    (root / "step-10").mkdir()  # no manifest: incomplete (or its files deleted)
+    ckpt, skipped = ckpt_mod.newest_verified(tmp_path / "run")
+    assert ckpt.name == "step-2"
+    assert [(c.name, why) for c, why in skipped] == [("step-10", "manifest.json: missing (the write was cut "
+                                                                  "short, or the file was deleted)")]
 
 
 def test_full_fine_tune_saves_a_transformers_model(tmp_path):

@@ -4,6 +4,7 @@ the uninterrupted run's, step losses included: the data position and every RNG s
 
 import json
 import re
+import shutil
 import signal
 
 from fastsft.train import checkpoint as ckpt_mod
@@ -66,8 +67,9 @@ def test_killed_again_and_again_resumes_bitwise(tmp_path, runs):
 
 
 def test_kill_inside_the_only_checkpoint_then_unpacked_resume(tmp_path, runs):
-    """Packing off. A kill inside the first checkpoint leaves nothing to resume from (a one-line
-    error, not a half-written checkpoint); a fresh run killed mid-step resumes bitwise."""
+    """Packing off. A kill inside the first checkpoint leaves nothing to resume from: ``--resume`` starts
+    the run over from step 0 (with a notice, not a half-written checkpoint) and ends where an uninterrupted
+    run does; a fresh run killed mid-step resumes bitwise."""
     reference = runs.reference("--data.packing", "false")
     run = tmp_path / "run"
 
@@ -75,9 +77,13 @@ def test_kill_inside_the_only_checkpoint_then_unpacked_resume(tmp_path, runs):
     assert proc.returncode == KILLED, proc.stderr
     assert ckpt_mod.latest_checkpoint(run) is None
     proc = runs.resume(run)
-    assert proc.returncode == 2 and "no complete checkpoint" in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert proc.returncode == 0, proc.stderr
+    assert "has no checkpoint yet (it was stopped before its first one): starting it from step 0" in proc.stdout
+    assert not [p for p in checkpoint_names(run) if p.startswith(".")]  # the killed writer's temporary: gone
+    runs.assert_same_adapter(reference, run)
+    assert train_records(run) == train_records(reference)
 
+    shutil.rmtree(run)
     proc = runs.train(run, "--data.packing", "false", kill_at="micro:8")
     assert proc.returncode == KILLED, proc.stderr
     proc = runs.resume(run)
