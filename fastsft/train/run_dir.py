@@ -164,6 +164,7 @@ class RunDirectory:
         if not path.is_dir():
             what = "does not exist" if not path.exists() else "is not a directory"
             raise RunDirError(f"--resume: {path} {what}; nothing to resume (start the run without --resume)")
+        self.mode = "resume"  # a failure from here on never removes anything
         self._lock()
         self._tidy()
         saved_path = path / "config.yaml"
@@ -184,6 +185,8 @@ class RunDirectory:
         if ckpt is None:
             self._restart(cfg, "has no checkpoint yet (it was stopped before its first one)", saved=saved)
             return
+        self.verify_inputs()  # both checked before anything in the directory changes
+        changes = resume_changes(saved, cfg, at_step=_checkpoint_step(ckpt))
         for c, why in rejected:  # newer than the one resumed from and damaged: out of the way, kept to inspect
             aside = c.with_name(f"damaged-{c.name}")
             n = 1
@@ -193,15 +196,13 @@ class RunDirectory:
             self.notices.append(f"checkpoint {c.name} is damaged ({why}); moved aside to {aside.name}")
         if rejected:
             self.notices.append(f"resuming from {ckpt.name}, the newest checkpoint that verifies")
-        self.mode, self.checkpoint = "resume", ckpt
-        self.changes = resume_changes(saved, cfg, at_step=_checkpoint_step(ckpt))
+        self.checkpoint, self.changes = ckpt, changes
         for key, (_, new) in self.changes.items():
             config_mod.set_option(saved, key, new)
         saved.output.dir = cfg.output.dir
         _copy_into(cfg, saved)
-        if self.changes:
+        if self.changes:  # atomically, and only when it legitimately changes
             self.write_config(cfg)
-        self.verify_inputs()
 
     def _restart(self, cfg: Config, why: str, saved: Config | None = None) -> None:
         """--resume of a run that cannot be continued because it never got that far: start it over."""
