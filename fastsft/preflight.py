@@ -30,13 +30,27 @@ from pathlib import Path
 
 from fastsft import config as config_mod
 from fastsft.config import Config, ConfigError
+from fastsft.train.files import human_bytes  # noqa: F401 - also this module's API
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # org/name (or a legacy bare name)
-_MARGIN_BYTES = 64 << 20  # metrics, configs, plots, tokenizer files, filesystem slack
 # Token-store bytes per byte of data file: int32 id + int32 label per token; a byte-level tokenizer
 # makes about one token per byte, subword tokenizers about one per 3-4 bytes of JSON.
 _STORE_BYTES_PER_DATA_BYTE = {"byte": 8.0, "subword": 2.5}
-_BUILTIN_RECORD_BYTES = 1024  # a generated builtin record: < 128 byte tokens, ids + labels
+_BUILTIN_RECORD_BYTES = 256  # a generated builtin record: ~20 byte tokens (8 bytes each) + offsets, generously
+_STORE_FIXED_BYTES = 8 << 10  # the .npz headers of the train and eval stores, data/report.json
+# What every run writes besides weights and token stores: config.yaml, run.json, summary.json, loss.png,
+# the lock file, directory entries; metrics.jsonl is counted by line.
+_RUN_FILES_BYTES = 128 << 10
+_METRICS_LINE_BYTES = 512  # one metrics.jsonl record (a train line is ~400 bytes)
+# One checkpoint besides its tensors: rng.safetensors + rng.json (~20 KB), manifest, optimizer/scheduler/
+# trainer-state JSON, the adapter's config, two directories.
+_CHECKPOINT_FIXED_BYTES = 32 << 10
+_TENSOR_ENTRY_BYTES = 128  # one tensor's entry in a safetensors header (name, dtype, shape, offsets)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                    "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model",
+                    "chat_template.jinja", "chat_template.json")
+_TOKENIZER_UNKNOWN_BYTES = 12 << 20  # a Hub tokenizer not downloaded yet (Llama 3's tokenizer.json: 9 MB)
+_BYTE_TOKENIZER_BYTES = 64  # fastsft_tokenizer.json
 
 
 class PreflightError(ConfigError):
@@ -202,6 +216,19 @@ def _model_dir_problem(d: Path, key: str) -> str | None:
     return f"{key} {d} has no model.safetensors or model.safetensors.index.json; give a directory with weights"
 
 
+def _cached_hub_config(repo_id: str):
+    """The ModelConfig of a Hub model whose config.json is in the local cache (for the disk estimate)."""
+    from fastsft.model import ModelConfig
+
+    try:
+        import huggingface_hub
+
+        path = huggingface_hub.try_to_load_from_cache(repo_id, "config.json")
+        return ModelConfig.from_json(path) if isinstance(path, str) else None
+    except Exception:  # noqa: BLE001 - only an estimate depends on it; loading the model will say more
+        return None
+
+
 def _check_model(cfg: Config, *, resume: bool):
     """(problems, ModelConfig or None): the ModelConfig feeds the disk estimate when it is at hand."""
     from fastsft.model import ModelConfig
@@ -228,6 +255,8 @@ def _check_model(cfg: Config, *, resume: bool):
             problem = _hub_problem(spec, "model.path")
             if problem:
                 problems.append(problem)
+            else:
+                mcfg = _cached_hub_config(spec)
     elif not (resume and (_run_dir(cfg) / "base_model" / "config.json").is_file()):
         src = cfg.model.config
         from fastsft.model.config import PRESETS
@@ -264,50 +293,120 @@ def count_parameters(m, *, lora_r: int = 0, target_modules=()) -> tuple[int, int
     """(base parameters, LoRA parameters for ``target_modules`` at rank ``lora_r``) of a ModelConfig."""
     shapes = _linear_shapes(m)
     per_layer = sum(a * b for a, b in shapes.values()) + 2 * m.hidden_size  # + two RMSNorm weights
+    hd = m.head_dim or m.hidden_size // m.num_attention_heads
+    if m.attention_bias:
+        per_layer += shapes["q_proj"][1] + 2 * shapes["k_proj"][1]
+    if m.o_proj_bias:
+        per_layer += m.hidden_size
+    if m.mlp_bias:
+        per_layer += 2 * m.intermediate_size + m.hidden_size
+    if m.qk_norm:
+        per_layer += 2 * hd
     embed = m.vocab_size * m.hidden_size
     base = m.num_hidden_layers * per_layer + embed * (1 if m.tie_word_embeddings else 2) + m.hidden_size
     lora = m.num_hidden_layers * sum(lora_r * (a + b) for name, (a, b) in shapes.items() if name in target_modules)
     return base, lora
 
 
-def estimate_disk_bytes(cfg: Config, mcfg, *, resume: bool = False) -> dict[str, int]:
-    """Bytes the run will write, by part (an estimate, on the generous side):
+def _tensor_counts(m, target_modules) -> tuple[int, int]:
+    """(base tensors, LoRA tensors) of a ModelConfig: the safetensors header entries."""
+    per_layer = 7 + 2 + (2 if m.qk_norm else 0)
+    per_layer += (3 if m.attention_bias else 0) + (1 if m.o_proj_bias else 0) + (3 if m.mlp_bias else 0)
+    base = m.num_hidden_layers * per_layer + (1 if m.tie_word_embeddings else 2) + 1
+    lora = 2 * m.num_hidden_layers * sum(1 for name in _linear_shapes(m) if name in target_modules)
+    return base, lora
 
-    - each checkpoint: the trainable weights in float32 (4 bytes/param), AdamW's two moments (8), and
-      with LoRA a copy of the adapter (4) -> 16 bytes per trainable parameter (12 for a full
-      fine-tune); ``output.keep_checkpoints + 1`` exist at once, because the newest is written before
-      the oldest is deleted (on resume the kept ones are on disk already: one more);
-    - final outputs: the adapter (4 bytes per LoRA parameter) or the whole model in float32;
-    - a random base (no ``model.path``) is saved beside the run in float32;
-    - the token-store cache: 8 bytes per token, from the data files' sizes.
+
+def _base_dtype_bytes(cfg: Config) -> int:
+    """Bytes per weight of the base model as loaded (and as a random base is saved): train.loop's rule."""
+    if cfg.model.dtype in ("bfloat16", "float16"):
+        return 2
+    if cfg.model.dtype == "float32" or cfg.train.device == "cpu" or cfg.train.precision == "fp32":
+        return 4
+    import torch
+
+    return 2 if torch.cuda.is_available() else 4
+
+
+def _tokenizer_bytes(cfg: Config) -> int:
+    """Bytes of one saved copy of the tokenizer (the final outputs and each LoRA checkpoint hold one)."""
+    spec = cfg.model.tokenizer or cfg.model.path or "byte"
+    if spec == "byte":
+        return _BYTE_TOKENIZER_BYTES
+    local = Path(spec).expanduser()
+    if local.is_dir():
+        sizes = [(local / n).stat().st_size for n in _TOKENIZER_FILES if (local / n).is_file()]
+    elif _looks_local(spec):
+        sizes = []
+    else:
+        sizes = []
+        try:
+            import huggingface_hub
+
+            for n in _TOKENIZER_FILES:
+                hit = huggingface_hub.try_to_load_from_cache(spec, n)
+                if isinstance(hit, str):
+                    sizes.append(os.path.getsize(hit))
+        except (ImportError, OSError, ValueError):
+            sizes = []
+    return sum(sizes) + 4096 if sizes else _TOKENIZER_UNKNOWN_BYTES
+
+
+def _estimated_steps(cfg: Config, store_bytes: int) -> int:
+    if cfg.train.max_steps > 0:
+        return cfg.train.max_steps
+    tokens = store_bytes / 8
+    rows = tokens / cfg.data.max_seq_len if cfg.data.packing else tokens / 64
+    return max(1, int(cfg.train.epochs * rows / max(1, cfg.train.micro_batch_size * cfg.train.grad_accum)) + 1)
+
+
+def estimate_disk_bytes(cfg: Config, mcfg, *, resume: bool = False) -> dict[str, int]:
+    """Bytes the run will have on disk at its peak, by part (an estimate, slightly on the generous side;
+    measured within a few percent of the peak and about 1.4x the final size of the nano and tiny runs):
+
+    - each checkpoint: the trainable weights and AdamW's two moments, all float32 (12 bytes per trainable
+      parameter), with LoRA a copy of the adapter (4 more) and of the tokenizer, plus the RNG states and
+      small JSON files; ``output.keep_checkpoints + 1`` exist at once, because the newest is written
+      before the oldest is deleted (on resume the kept ones are on disk already: one more);
+    - final outputs: the adapter (4 bytes per LoRA parameter) or the whole model in float32, and the
+      tokenizer;
+    - a random base (no ``model.path``) is saved beside the run in the base dtype;
+    - the token-store cache: 8 bytes per token, from the data files' sizes;
+    - run files: metrics.jsonl (one line per logged step or evaluation), config.yaml, run.json,
+      summary.json, loss.png.
     """
     out: dict[str, int] = {}
-    if mcfg is not None:
-        base, lora = count_parameters(mcfg, lora_r=cfg.lora.r, target_modules=cfg.lora.target_modules)
-        trainable = lora if cfg.lora.enabled else base
-        per_ckpt = trainable * (16 if cfg.lora.enabled else 12)
-        n_ckpt = 1 if resume else cfg.output.keep_checkpoints + 1
-        out["checkpoints"] = per_ckpt * n_ckpt
-        out["final outputs"] = 4 * trainable
-        if not cfg.model.path and not resume and cfg.output.save_random_base:
-            out["random base model"] = 4 * base
+    store = 0
     if not resume:
         tok = "byte" if (cfg.model.tokenizer or ("" if cfg.model.path else "byte")) == "byte" else "subword"
         data_bytes = sum(Path(p).stat().st_size for _, p in _data_paths(cfg) if Path(p).is_file())
         store = int(data_bytes * _STORE_BYTES_PER_DATA_BYTE[tok])
         if not cfg.data.datasets:
             store += cfg.data.builtin_size * _BUILTIN_RECORD_BYTES
+        store += _STORE_FIXED_BYTES
+    if mcfg is not None:
+        base, lora = count_parameters(mcfg, lora_r=cfg.lora.r, target_modules=cfg.lora.target_modules)
+        n_base, n_lora = _tensor_counts(mcfg, cfg.lora.target_modules)
+        tokenizer = _tokenizer_bytes(cfg)
+        if cfg.lora.enabled:
+            trainable, tensors = lora, n_lora
+            # trainable + 2 moments + the adapter copy, each tensor named in four safetensors headers
+            per_ckpt = 16 * trainable + 4 * _TENSOR_ENTRY_BYTES * tensors + tokenizer
+        else:
+            trainable, tensors = base, n_base
+            per_ckpt = 12 * trainable + 3 * _TENSOR_ENTRY_BYTES * tensors
+        per_ckpt += _CHECKPOINT_FIXED_BYTES
+        n_ckpt = 1 if resume else cfg.output.keep_checkpoints + 1
+        out["checkpoints"] = per_ckpt * n_ckpt
+        out["final outputs"] = 4 * trainable + _TENSOR_ENTRY_BYTES * tensors + tokenizer + 4096
+        if not cfg.model.path and not resume and cfg.output.save_random_base:
+            out["random base model"] = _base_dtype_bytes(cfg) * base + _TENSOR_ENTRY_BYTES * n_base + 4096
+    if not resume:
         out["token-store cache"] = store
-    out["margin"] = _MARGIN_BYTES
+    steps = _estimated_steps(cfg, store) if not resume else max(cfg.train.max_steps, 1)
+    lines = steps // max(1, cfg.output.log_every) + (steps // cfg.eval.every if cfg.eval.every else 0) + 4
+    out["metrics and run files"] = _RUN_FILES_BYTES + _METRICS_LINE_BYTES * lines
     return out
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _check_free_disk(cfg: Config, mcfg, *, resume: bool) -> list[str]:
@@ -317,7 +416,15 @@ def _check_free_disk(cfg: Config, mcfg, *, resume: bool) -> list[str]:
     free = shutil.disk_usage(where).free
     if free >= total:
         return []
-    parts = ", ".join(f"{k} {_human(v)}" for k, v in need.items() if v)
-    return [f"output.dir {_run_dir(cfg)}: not enough free disk: about {_human(total)} needed ({parts}; "
-            f"output.keep_checkpoints={cfg.output.keep_checkpoints}), {_human(free)} free on {where}; free "
-            f"space, lower output.keep_checkpoints, or choose another --output.dir"]
+    keep = cfg.output.keep_checkpoints
+    parts = ", ".join(f"{k} {human_bytes(v)}" for k, v in need.items() if v)
+    # lowering keep_checkpoints only helps when checkpoints are a large share of the need
+    if keep > 1 and need.get("checkpoints", 0) * 3 > total and not resume:
+        per = need["checkpoints"] // (keep + 1)
+        fix = (f"lower output.keep_checkpoints (each checkpoint takes {human_bytes(per)}), free space there, "
+               f"or choose another --output.dir")
+    else:
+        fix = "free space there or choose another --output.dir"
+    return [f"output.dir {_run_dir(cfg)}: not enough free disk: about {human_bytes(total)} needed ({parts}; "
+            f"output.keep_checkpoints={keep}, one more while each is written), {human_bytes(free)} free on "
+            f"{where}; {fix}"]

@@ -106,8 +106,53 @@ def test_not_enough_disk(tmp_path, monkeypatch):
     monkeypatch.setattr(pf.shutil, "disk_usage", lambda p: Usage(10 * need, 9 * need, need - 1))
     [p] = problems(cfg)
     assert p.startswith(f"output.dir {tmp_path / 'run'}: not enough free disk") and "keep_checkpoints=3" in p
+    assert f"free on {tmp_path}" in p and "checkpoints " in p and "random base model " in p
     monkeypatch.setattr(pf.shutil, "disk_usage", lambda p: Usage(10 * need, 9 * need, need))
     pf.preflight(cfg)
+
+
+def _advice(tmp_path, monkeypatch, **overrides):
+    cfg = cfg_for(tmp_path, **overrides)
+    monkeypatch.setattr(pf.shutil, "disk_usage", lambda p: Usage(1 << 40, 1 << 40, 1000))
+    [p] = problems(cfg)
+    need = pf.estimate_disk_bytes(cfg, pf._check_model(cfg, resume=False)[1])
+    return p, need["checkpoints"] / sum(need.values())
+
+
+def test_lowering_keep_checkpoints_is_advised_only_when_checkpoints_weigh(tmp_path, monkeypatch):
+    # LoRA on a random base: the saved base outweighs the small adapter checkpoints
+    p, share = _advice(tmp_path, monkeypatch, **{"model.config": "tiny", "lora.r": 1, "lora.target_modules": ["q_proj"]})
+    assert share <= 1 / 3
+    assert "lower output.keep_checkpoints" not in p and p.endswith("free space there or choose another --output.dir")
+    # a full fine-tune: checkpoints (weights + two moments, keep + 1 of them) are most of it
+    p, share = _advice(tmp_path, monkeypatch, **{"model.config": "tiny", "lora.enabled": False})
+    assert share > 1 / 3
+    assert "lower output.keep_checkpoints (each checkpoint takes " in p and "another --output.dir" in p
+    # ... unless only one is kept already
+    p, _ = _advice(tmp_path, monkeypatch, **{"model.config": "tiny", "lora.enabled": False,
+                                              "output.keep_checkpoints": 1})
+    assert "lower output.keep_checkpoints" not in p
+
+
+def test_human_bytes():
+    assert pf.human_bytes(512) == "512.0 B"
+    assert pf.human_bytes(3 << 20) == "3.0 MiB"
+    assert pf.human_bytes(5 << 40) == "5.0 TiB"
+
+
+def test_disk_estimate_is_close_to_what_a_run_writes(tmp_path):
+    """The nano run of the issue: the estimate covers the peak (the final run directory plus the checkpoint
+    in flight while the oldest is not yet deleted) and is within 1.5x of the final run directory."""
+    cfg = cfg_for(tmp_path, **{"data.max_seq_len": 512, "train.max_steps": 9, "output.checkpoint_every": 3,
+                               "output.plot": True})
+    need = sum(pf.estimate_disk_bytes(cfg, pf._check_model(cfg, resume=False)[1]).values())
+    loop.train(cfg)
+    run = tmp_path / "run"
+    written = run.stat().st_size + sum(p.stat().st_size for p in run.rglob("*"))  # du -sb
+    newest = max((run / "checkpoints").iterdir(), key=lambda d: int(d.name.split("-")[1]))
+    peak = written + sum(p.stat().st_size for p in newest.rglob("*"))
+    assert written < need < 1.5 * written, (need, written)
+    assert need > 0.95 * peak, (need, peak)
 
 
 def test_disk_estimate_counts_the_real_parameters(tmp_path):

@@ -152,11 +152,17 @@ class TokenStore:
             path = path.with_name(path.name + ".npz")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            np.savez(f, ids=self.ids, labels=self.labels, offsets=self.offsets, source=self.source,
-                     names=np.asarray(self.names, dtype=np.str_).reshape(-1),
-                     version=np.asarray(_FORMAT_VERSION))
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, ids=self.ids, labels=self.labels, offsets=self.offsets, source=self.source,
+                         names=np.asarray(self.names, dtype=np.str_).reshape(-1),
+                         version=np.asarray(_FORMAT_VERSION))
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the rename: a crash leaves the old store or the new
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return path
 
     @classmethod

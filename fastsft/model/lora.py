@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastsft.train.files import process_umask
+
 from .fused import KernelChoice
 
 __all__ = [
@@ -548,12 +550,16 @@ def adapter_config_dict(
 
 
 def _atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: a temporary sibling ``.<name>.<random>.tmp-<pid>`` (the PID tells
+    a stale one from a live writer's), fsync, mode ``0666 & ~umask`` like any file ``open()`` creates
+    (mkstemp's 0600 would hide the adapter from a serving process of another user), then rename."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=f".tmp-{os.getpid()}", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.chmod(tmp, 0o666 & ~process_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

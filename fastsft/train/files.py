@@ -78,12 +78,14 @@ def writing(path: Path, what: str | None = None, *, after: str = ""):
 
 
 def process_umask() -> int:
-    """The process umask (read without changing it where /proc tells it)."""
+    """The process umask, read without changing it where Linux's /proc tells it (os.umask can only be
+    read by setting it, which races with other threads creating files)."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
         pass
     old = os.umask(0o022)
     os.umask(old)
