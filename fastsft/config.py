@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +125,10 @@ class EvalConfig:
     exact_match: int = _opt(64, "Eval records whose response is generated greedily and compared exactly, before "
                                 "and after training; 0 disables.")
     max_new_tokens: int = _opt(64, "Generation limit for exact-match.")
+    answer_pattern: str = _opt("", "A regex applied to the expected and the generated response of the exact-match "
+                                   "records; its first group (or the whole match) is the final answer, compared "
+                                   "numerically when both are numbers, and reported as answer_accuracy beside "
+                                   "exact_match (GSM8K: '#### (-?[0-9.,]+)'). Empty: off.")
     batch_size: int = _opt(16, "Sequences per eval forward.")
 
 
@@ -325,6 +330,11 @@ def validate(cfg: Config) -> None:
     need(cfg.output.checkpoint_minutes >= 0, "output.checkpoint_minutes", "must be 0 (off) or positive")
     need(cfg.lora.enabled or not cfg.train.fsdp, "train.fsdp",
          "needs lora.enabled (sharded full fine-tuning is not supported: checkpoints gather the trainable weights whole)")
+    if cfg.eval.answer_pattern:
+        try:
+            re.compile(cfg.eval.answer_pattern)
+        except re.error as e:
+            need(False, "eval.answer_pattern", f"is not a valid regular expression ({e})")
     unknown = set(cfg.train.kernels_off) - set(KERNEL_PIECES)
     need(not unknown, "train.kernels_off", f"has unknown pieces {sorted(unknown)}; known: {', '.join(KERNEL_PIECES)}")
     for i, d in enumerate(cfg.data.datasets + cfg.data.eval_datasets):

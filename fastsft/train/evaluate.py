@@ -1,9 +1,11 @@
-"""Held-out evaluation: response-token loss and perplexity, and exact match of greedy generations."""
+"""Held-out evaluation: response-token loss and perplexity, exact match of greedy generations, and the
+accuracy of their final answers (``eval.answer_pattern``)."""
 
 from __future__ import annotations
 
 import contextlib
 import math
+import re
 from collections import Counter
 
 import numpy as np
@@ -92,15 +94,38 @@ def greedy_generate(model, prompts: list[np.ndarray], *, pad_id: int, stop_ids: 
     return out
 
 
+def extract_answer(pattern: re.Pattern | str, text: str) -> str | None:
+    """The final answer in ``text``: the first match of ``pattern`` (its first group when it has one),
+    without thousands separators or a trailing period; None when there is none."""
+    m = re.search(pattern, text)
+    if m is None:
+        return None
+    answer = m.group(1) if m.re.groups else m.group(0)
+    return None if answer is None else answer.strip().replace(",", "").rstrip(".")
+
+
+def same_answer(expected: str, got: str | None) -> bool:
+    """Equal as numbers when both are numbers (``72`` == ``72.0``), else as text."""
+    if got is None:
+        return False
+    try:
+        return float(expected) == float(got)
+    except ValueError:
+        return expected == got
+
+
 def exact_match(model, tokenizer, store, *, n: int, max_new_tokens: int, batch_size: int, device,
-                autocast=contextlib.nullcontext) -> dict:
-    """Fraction of the first ``n`` held-out records whose first response is generated exactly."""
+                autocast=contextlib.nullcontext, answer_pattern: str = "") -> dict:
+    """Fraction of the first ``n`` held-out records whose first response is generated exactly; with
+    ``answer_pattern``, also the fraction (``answer_accuracy``) of those whose expected response has an
+    answer that the generated one gives too."""
     was_training = model.training
     model.eval()
     stops = _stop_ids(tokenizer)
     pairs = [first_response(*store[i]) for i in range(min(n, len(store)))]
     pairs = [p for p in pairs if p is not None]
     hits, samples = 0, []
+    answers, answer_hits = 0, 0
     for s in range(0, len(pairs), batch_size):
         chunk = pairs[s : s + batch_size]
         gens = greedy_generate(model, [p for p, _ in chunk], pad_id=tokenizer.pad_id, stop_ids=stops,
@@ -108,10 +133,21 @@ def exact_match(model, tokenizer, store, *, n: int, max_new_tokens: int, batch_s
         for (prompt, ref), gen in zip(chunk, gens):
             want, got = _answer_text(tokenizer, ref, stops), _answer_text(tokenizer, gen, stops)
             hits += want == got
+            sample = {"prompt": tokenizer.decode(list(prompt)), "expected": want, "generated": got}
+            if answer_pattern:
+                expected = extract_answer(answer_pattern, want)
+                if expected is not None:  # a record without an answer to find does not count
+                    found = extract_answer(answer_pattern, got)
+                    answers += 1
+                    answer_hits += same_answer(expected, found)
+                    sample.update(expected_answer=expected, generated_answer=found)
             if len(samples) < 3:
-                samples.append({"prompt": tokenizer.decode(list(prompt)), "expected": want, "generated": got})
+                samples.append(sample)
     model.train(was_training)
-    return {"exact_match": hits / max(len(pairs), 1), "records": len(pairs), "samples": samples}
+    out = {"exact_match": hits / max(len(pairs), 1), "records": len(pairs), "samples": samples}
+    if answer_pattern:
+        out.update(answer_accuracy=answer_hits / max(answers, 1), answer_records=answers)
+    return out
 
 
 def majority_baseline(tokenizer, train_store, eval_store, *, n: int, max_train: int = 20000) -> float:

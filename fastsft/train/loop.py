@@ -419,8 +419,10 @@ def _train(cfg: Config, run: RunDirectory, dist) -> dict:
             if cfg.eval.exact_match and generate:
                 em = exact_match(model, tokenizer, eval_store, n=cfg.eval.exact_match,
                                  max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-                                 device=device, autocast=autocast)
+                                 device=device, autocast=autocast, answer_pattern=cfg.eval.answer_pattern)
                 out.update(exact_match=em["exact_match"], samples=em["samples"])
+                if "answer_accuracy" in em:
+                    out.update(answer_accuracy=em["answer_accuracy"], answer_records=em["answer_records"])
         if general_store is not None:
             g = response_loss(model, general_store, pad_id=pad_id, batch_size=cfg.eval.batch_size,
                               max_records=cfg.eval.max_records, device=device, autocast=autocast,
@@ -569,6 +571,8 @@ def _eval_line(ev: dict, baseline: float | None) -> str:
     if "exact_match" in ev:
         parts.append(f"exact match {ev['exact_match']:.1%}"
                      + (f" (majority-answer baseline {baseline:.1%})" if baseline is not None else ""))
+    if "answer_accuracy" in ev:
+        parts.append(f"final-answer accuracy {ev['answer_accuracy']:.1%} of {ev['answer_records']}")
     if "general_ppl" in ev:
         parts.append(f"general-text ppl {ev['general_ppl']:.2f}")
     if "ppl_ratio" in ev:
