@@ -7,8 +7,10 @@ with status 2; they never end in a stack trace (set FASTSFT_DEBUG=1 to see one).
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -30,8 +32,43 @@ ALIASES = {
 }
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the option (with a did-you-mean for a misspelt one),
+    like the YAML path, not the whole usage text."""
+
+    def error(self, message: str):
+        m = re.match(r"unrecognized arguments: (\S+)", message)
+        if m:
+            flag = m.group(1).split("=", 1)[0]
+            known = [s for a in self._actions for s in a.option_strings]
+            close = difflib.get_close_matches(flag, known, n=1)
+            message = f"unknown option {flag}" + (f" (did you mean {close[0]}?)" if close else "") + \
+                f"; fastsft train --help lists every option"
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _numbers_as_values(argv: list[str]) -> list[str]:
+    """``--train.lr -1e-4``: a negative number after an option is its value, not another option (argparse
+    only knows this for plain integers)."""
+    out = []
+    for arg in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and arg.startswith("-") and _is_number(arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _OneLineParser(
         prog="fastsft train",
         description="Instruction-tune a model with LoRA (or full fine-tuning). With no arguments, trains a "
                     "tiny model on the built-in generated dataset, needing nothing from outside.",
@@ -73,7 +110,7 @@ def _overrides(ns: argparse.Namespace) -> dict:
 
 
 def train_main(argv: list[str]) -> int:
-    args = _train_parser().parse_args(argv)
+    args = _train_parser().parse_args(_numbers_as_values(argv))
     overrides = _overrides(args)
     try:
         resume = args.resume is not None
@@ -170,13 +207,26 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
 _python_format_warning = warnings.formatwarning
 
 
+USAGE = """usage: fastsft <command> [options]
+
+commands:
+  train    instruction-tune a model (LoRA, QLoRA or full); with no options, a tiny model on built-in data
+  export   merge a LoRA adapter into its base model and write a transformers checkpoint
+
+fastsft <command> --help lists a command's options; fastsft --version prints the version."""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     warnings.formatwarning = _format_warning
-    usage = "usage: fastsft {train,export} [options]   (fastsft train --help lists every option)"
     if not argv or argv[0] in ("-h", "--help"):
-        print(usage)
+        print(USAGE, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from fastsft import __version__
+
+        print(f"fastsft {__version__}")
+        return 0
     command, rest = argv[0], argv[1:]
     if command == "train":
         return train_main(rest)
@@ -184,7 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         from fastsft.export import export_main
 
         return export_main(rest)
-    print(f"fastsft: error: unknown command {command!r}\n{usage}", file=sys.stderr)
+    close = difflib.get_close_matches(command, ["train", "export"], n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    print(f"fastsft: error: unknown command {command!r}{hint}; commands: train, export (fastsft --help)",
+          file=sys.stderr)
     return 2
 
 

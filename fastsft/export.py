@@ -130,13 +130,58 @@ def copy_tokenizer_files(sources: Sequence[str], out_dir: str) -> list[str]:
     return []
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map of the 256 byte values to printable characters (what byte-level BPE uses)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def write_byte_tokenizer(out_dir: str) -> None:
+    """fastsft's byte tokenizer as files transformers loads (``tokenizer.json`` + config): byte-level BPE
+    with no merges over the 256 bytes (id = byte value), then its special tokens at their ids, and a
+    ChatML chat template (the rendering fastsft trains byte-tokenizer conversations with)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from fastsft.data.tokenizer import ByteTokenizer
+
+    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = sorted(ByteTokenizer.SPECIALS.items(), key=lambda kv: kv[1])
+    tok.add_special_tokens([AddedToken(text, special=True, normalized=False) for text, _ in specials])
+    for text, i in specials:
+        assert tok.token_to_id(text) == i, (text, i)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    fast.save_pretrained(out_dir)
+
+
 def _validate_paths(model_path: str, adapter_dir: str, out_dir: str) -> None:
     if not os.path.isdir(model_path):
         raise ExportError(f"model directory not found: {model_path}")
     if not os.path.isfile(os.path.join(model_path, "config.json")):
+        if os.path.isfile(os.path.join(model_path, "base_model", "config.json")):  # a run directory
+            raise ExportError(f"no config.json in model directory {model_path}; it is a fastsft run directory: its "
+                              f"base model is {os.path.join(model_path, 'base_model')} and its adapter "
+                              f"{os.path.join(model_path, 'adapter')}")
         raise ExportError(f"no config.json in model directory {model_path}")
     if not os.path.isdir(adapter_dir):
         raise ExportError(f"adapter directory not found: {adapter_dir}")
+    if not os.path.isfile(os.path.join(adapter_dir, ADAPTER_CONFIG_NAME)) \
+            and os.path.isfile(os.path.join(adapter_dir, "adapter", ADAPTER_CONFIG_NAME)):  # a run directory
+        raise ExportError(f"no {ADAPTER_CONFIG_NAME} in adapter directory {adapter_dir}; it is a fastsft run "
+                          f"directory: its adapter is {os.path.join(adapter_dir, 'adapter')}")
     for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME):
         if not os.path.isfile(os.path.join(adapter_dir, name)):
             raise ExportError(f"no {name} in adapter directory {adapter_dir}")
@@ -188,7 +233,9 @@ def export_merged(
         model.to(out_dtype)
     os.makedirs(out_dir, exist_ok=True)
     save_pretrained(model, out_dir)
-    copy_tokenizer_files([adapter_dir, model_path], out_dir)
+    copied = copy_tokenizer_files([adapter_dir, model_path], out_dir)
+    if copied == ["fastsft_tokenizer.json"]:  # fastsft's byte tokenizer, nothing transformers reads
+        write_byte_tokenizer(out_dir)  # so transformers' AutoTokenizer loads the merged model's tokenizer
     gen_cfg = os.path.join(model_path, "generation_config.json")
     if os.path.isfile(gen_cfg) and not os.path.exists(os.path.join(out_dir, "generation_config.json")):
         shutil.copyfile(gen_cfg, os.path.join(out_dir, "generation_config.json"))

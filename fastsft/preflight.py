@@ -177,6 +177,13 @@ def _looks_local(spec: str) -> bool:
     return spec.startswith(("/", ".", "~")) or "\\" in spec or not _HUB_ID.match(spec)
 
 
+def _is_connection_error(e: BaseException) -> bool:
+    """No network or no answer (requests', httpx's and the stdlib's names for it)."""
+    names = {c.__name__ for c in type(e).__mro__}
+    return bool(names & {"ConnectError", "ConnectTimeout", "NetworkError", "TransportError", "ConnectionError",
+                         "Timeout", "TimeoutException", "OfflineModeIsEnabled"})
+
+
 def _hub_problem(repo_id: str, key: str) -> str | None:
     """None when ``repo_id`` is cached or exists on the Hub (or the Hub cannot be asked)."""
     try:
@@ -197,8 +204,12 @@ def _hub_problem(repo_id: str, key: str) -> str | None:
     except hub_errors.RepositoryNotFoundError:
         return (f"{key} {repo_id!r} is neither a local directory nor a model on the Hugging Face Hub; "
                 f"check the spelling, or log in (hf auth login) if it is private")
-    except Exception:  # noqa: BLE001 - offline or the Hub is down: the download will say more
-        return None
+    except Exception as e:  # noqa: BLE001 - sorted below
+        if _is_connection_error(e):  # offline: one line now, not a minute of download retries later
+            return (f"{key} {repo_id!r} is not a local directory and not in the Hugging Face cache, and the Hub "
+                    f"cannot be reached ({' '.join(str(e).split())[:80]}); download it where there is network "
+                    f"(hf download {repo_id}) or give a local directory")
+        return None  # the Hub answered oddly: the download will say more
     return None
 
 

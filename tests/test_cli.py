@@ -101,6 +101,65 @@ def test_export_merges_adapter_into_transformers_checkpoint(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, ours.logits(ours(ids)), atol=1e-4, rtol=1e-4)
 
+    # the merged random-preset model has a tokenizer transformers loads, equal to fastsft's byte tokenizer
+    from transformers import AutoTokenizer
+
+    from fastsft.data.tokenizer import ByteTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    text = "<|im_start|>user\nwhat is 2+2? é 世<|im_end|>\n"
+    assert tok(text, add_special_tokens=False)["input_ids"] == ByteTokenizer().encode(text)[0]
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (257, 258, 256)
+    # the adapter names its base by an absolute path (peft run from elsewhere finds it)
+    base = json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == str((run / "base_model").resolve())
+
+    # a run directory given where a model or an adapter directory belongs: the hint says where they are
+    proc = fastsft("export", "--model", run, "--adapter", run / "adapter", "--out", tmp_path / "m2")
+    assert_one_line_error(proc, f"it is a fastsft run directory: its base model is {run / 'base_model'}")
+    proc = fastsft("export", "--model", run / "base_model", "--adapter", run, "--out", tmp_path / "m2")
+    assert_one_line_error(proc, f"its adapter is {run / 'adapter'}")
+
+
+def test_command_line_surface():
+    from fastsft import __version__
+
+    proc = fastsft("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"fastsft {__version__}"
+    proc = fastsft("--help")
+    assert proc.returncode == 0 and "train " in proc.stdout and "export " in proc.stdout
+    assert_one_line_error(fastsft("trian"), "unknown command 'trian' (did you mean 'train'?)")
+    # an unknown option: one line with a did-you-mean, not the usage text
+    proc = fastsft("train", "--train.lrr", "1e-3")
+    assert_one_line_error(proc, "unknown option --train.lrr (did you mean --train.lr?)")
+    assert len(proc.stderr.splitlines()) == 1
+    # a negative number is a value (here refused by validation, by name), not "expected one argument"
+    assert_one_line_error(fastsft("train", "--train.lr", "-1e-4"), "config key 'train.lr' must be positive")
+
+
+def test_an_unreachable_hub_is_one_line_at_once(tmp_path, monkeypatch):
+    """Offline with a hub id not in the cache: preflight says so in one line (no minute of retries)."""
+    import huggingface_hub
+
+    from fastsft import config as cfgmod
+    from fastsft import preflight
+
+    class ConnectError(Exception):  # httpx's / requests' name for "no network"
+        pass
+
+    def offline(*a, **k):
+        raise ConnectError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "model_info", offline)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    cfg = cfgmod.load(None, {"model.path": "some-org/some-model", "output.dir": str(tmp_path / "run")})
+    with pytest.raises(preflight.PreflightError) as e:
+        preflight.preflight(cfg)
+    (line,) = [p for p in e.value.problems if p.startswith("model.path")]
+    assert "the Hub cannot be reached" in line and "hf download some-org/some-model" in line
+
 
 @pytest.mark.skipif(not (SHARED / "data" / "gsm8k" / "train.jsonl").exists()
                     or not (SHARED / "tokenizers" / "llama2").exists(), reason="../shared data not present")

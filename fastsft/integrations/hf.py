@@ -306,8 +306,10 @@ def _train_forward(model, state, named):
     if head is None:
         state.warn_once(
             "head",
-            f"fastsft: lm_head is a {type(_lm_head(model)).__name__}, not a plain nn.Linear (e.g. LoRA on "
-            "lm_head); the fused loss is skipped and the model's own forward (full logits) is used",
+            "fastsft: lm_head is trained (LoRA or another wrapper on lm_head), and the fused loss only "
+            "handles a frozen plain linear head; this model's loss is computed by its own forward, with the "
+            "full logits (slower, more memory). Leave lm_head out of the LoRA target_modules to use the fused "
+            "loss (modules_to_save=['lm_head'] is fused)",
         )
         return None
 

@@ -261,10 +261,12 @@ def _train(cfg: Config, run: RunDirectory, dist) -> dict:
     if cfg.model.path:  # 4-bit: a bnb-4bit checkpoint as it is, or quantized weight by weight while loading
         model = load_model(cfg.model.path, dtype=dtype, device=load_device, load_in_4bit=cfg.model.load_in_4bit,
                            target_modules=cfg.lora.target_modules)
-        base_name = cfg.model.path
+        # the adapter names its base: a local directory absolutely (peft run from elsewhere must find it,
+        # not ask the Hub for a relative path), a hub id as it is
+        base_name = str(Path(cfg.model.path).resolve()) if Path(cfg.model.path).exists() else cfg.model.path
     else:
         # a random base is saved beside the run: the adapter means nothing without it
-        base_name = str(run_dir / "base_model")
+        base_name = str((run_dir / "base_model").resolve())
         if resuming:  # verified against run.json
             model = load_model(base_name, dtype=dtype, device=load_device)
         else:
