@@ -146,6 +146,8 @@ class OutputConfig:
                                   "directory is refused (--resume continues the run in it).")
     log_every: int = _opt(10, "Log metrics every N optimizer steps.")
     progress: bool = _opt(True, "Show a progress bar.")
+    report_to: list = _opt([], "Also send the metrics to: tensorboard (event files under the run directory), "
+                               "wandb (WANDB_MODE=offline honoured). metrics.jsonl is always written.")
     plot: bool = _opt(True, "Write loss.png with the train/eval loss curves.")
     save_random_base: bool = _opt(True, "With a random base (no model.path): save it to base_model/ beside the "
                                         "run (export and resume need it); false skips it (throughput "
@@ -335,6 +337,8 @@ def validate(cfg: Config) -> None:
             re.compile(cfg.eval.answer_pattern)
         except re.error as e:
             need(False, "eval.answer_pattern", f"is not a valid regular expression ({e})")
+    bad = [r for r in cfg.output.report_to if r not in ("tensorboard", "wandb")]
+    need(not bad, "output.report_to", f"has unknown reporters {bad}; known: tensorboard, wandb")
     unknown = set(cfg.train.kernels_off) - set(KERNEL_PIECES)
     need(not unknown, "train.kernels_off", f"has unknown pieces {sorted(unknown)}; known: {', '.join(KERNEL_PIECES)}")
     for i, d in enumerate(cfg.data.datasets + cfg.data.eval_datasets):

@@ -243,6 +243,9 @@ class NullLog:
     def read(self) -> list[dict]:
         return []
 
+    def close(self) -> None:
+        pass
+
 
 def setup(cfg: Config, device: torch.device) -> Distributed:
     """Join torchrun's process group (when launched by torchrun) and pick this rank's device.

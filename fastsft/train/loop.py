@@ -34,6 +34,8 @@ from fastsft.train import checkpoint as ckpt_mod
 from fastsft.train import distributed
 from fastsft.train import signals
 from fastsft.train.files import atomic_directory, atomic_write_text, free_space, human_bytes, writing
+from fastsft.train.reporting import check_available as check_reporters
+from fastsft.train.reporting import open_reporters
 from fastsft.train.run_dir import RunDirectory, RunDirError
 from fastsft.packing import pack
 from fastsft.train.batching import collate, collate_packed, count_targets, epoch_batches, packed_epoch_batches
@@ -201,6 +203,7 @@ def _open_run_dir(cfg: Config, *, resume: bool, dist) -> RunDirectory:
 def _train(cfg: Config, run: RunDirectory, dist) -> dict:
     # ---- runtime ------------------------------------------------------------------------------------
     resuming = run.mode == "resume"
+    check_reporters(cfg.output.report_to)  # tensorboard / wandb installed
     preflight(cfg, resume=resuming)  # disk, data files, model: before anything is loaded
     device = dist.device
     if cfg.train.threads:
@@ -356,7 +359,10 @@ def _train(cfg: Config, run: RunDirectory, dist) -> dict:
         _say(f"resumed from {resume_from} at step {state['step']}")
         for key, (old, new) in run.changes.items():
             _say(f"  {key}: {old} -> {new}")
-    metrics = (MetricsLog(run_dir / "metrics.jsonl", resume_step=state["step"] if resuming else None)
+    resume_step = state["step"] if resuming else None
+    metrics = (MetricsLog(run_dir / "metrics.jsonl", resume_step=resume_step,
+                          reporters=open_reporters(cfg.output.report_to, run_dir, config=config_mod.to_dict(cfg),
+                                                   resume_step=resume_step))
                if dist.is_main else distributed.NullLog())
     if resuming:  # what this resume started from and changed (config.yaml holds the values now in force)
         metrics.write({"kind": "resume", "step": state["step"], "checkpoint": resume_from.name,
@@ -546,6 +552,7 @@ def _train(cfg: Config, run: RunDirectory, dist) -> dict:
                                         f"{signals.resume_command(run_dir)}") as tmp:
                 save_weights(tmp)
                 signals.maybe_kill_for_test("outputs", state["step"])  # test hook: the adapter half-published
+    metrics.close()
     records = metrics.read()
     if cfg.output.plot and dist.is_main:
         plot_losses(records, run_dir / "loss.png")

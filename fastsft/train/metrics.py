@@ -29,8 +29,9 @@ class MetricsLog:
     one replaces it); records past it are the lost steps', redone. An eval record is written once per
     step: resuming a finished run does not log its final evaluation again."""
 
-    def __init__(self, path: Path, resume_step: int | None = None):
+    def __init__(self, path: Path, resume_step: int | None = None, reporters: list | None = None):
         self.path = path
+        self.reporters = reporters or []  # reporting.py: TensorBoard / W&B get every record written here
         if resume_step is not None and path.exists():
             # a line cut short by a kill is dropped; the rewrite is atomic, so a second kill loses nothing
             kept = [line for line in path.read_text(errors="replace").splitlines()
@@ -50,6 +51,12 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        for reporter in self.reporters:
+            reporter.write(record)
+
+    def close(self) -> None:
+        for reporter in self.reporters:
+            reporter.close()
 
     def read(self) -> list[dict]:
         if not self.path.exists():

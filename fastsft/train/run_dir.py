@@ -56,6 +56,7 @@ RESUMABLE = {
     "output.keep_checkpoints": "how many checkpoints are kept",
     "output.progress": "progress bar",
     "output.plot": "loss plot",
+    "output.report_to": "where metrics are also sent",
     "train.threads": "CPU threads",
 }
 NOT_COMPARED = {"output.dir", "output.overwrite"}  # where the run is / how a fresh one starts
