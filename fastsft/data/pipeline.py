@@ -240,17 +240,24 @@ def load_dataset(spec: DatasetSpec, tokenizer: Tokenizer, *, max_seq_len: int, t
         kept_raws = good_raws
 
     kept, dropped, truncated = [], 0, 0
+    cut_tokens = cut_trained = 0  # of the records kept, what truncation removed
     for (ids, labels), raw in zip(encoded, kept_raws):
         if all(l == IGNORE_INDEX for l in labels):
             bad(RecordError("record has no trained tokens"), raw, path)
             continue
         if len(ids) > max_seq_len:
+            rest = labels[max_seq_len:]
             ids, labels = ids[:max_seq_len], labels[:max_seq_len]
             if all(l == IGNORE_INDEX for l in labels):
                 dropped += 1
                 continue
             truncated += 1
+            cut_tokens += len(rest)
+            cut_trained += sum(1 for l in rest if l != IGNORE_INDEX)
         kept.append((ids, labels))
+    if dropped and len(kept) <= 0.01 * (len(kept) + dropped):  # "almost none": training on a handful is an error
+        raise DataError(f"only {len(kept)} of {len(kept) + dropped} records are left: {dropped} lose every trained "
+                        f"token when truncated to max_seq_len={max_seq_len}; raise data.max_seq_len", path=path)
 
     n_read = len(raws)
     if not kept:
@@ -272,6 +279,8 @@ def load_dataset(spec: DatasetSpec, tokenizer: Tokenizer, *, max_seq_len: int, t
         "bad_examples": bad.examples,
         "dropped_truncated": dropped,
         "truncated": truncated,
+        "truncated_tokens": cut_tokens,
+        "truncated_trained_tokens": cut_trained,
         "records": len(store),
         "tokens": store.num_tokens,
         "trained_tokens": store.num_trained_tokens,

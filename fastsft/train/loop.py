@@ -255,7 +255,7 @@ def _train(cfg: Config, run: RunDirectory, dist) -> dict:
     _say(f"data: {len(train_store)} train records ({train_store.num_trained_tokens} response tokens), "
          f"{len(eval_store) if eval_store is not None else 0} eval records")
     for line in _report_lines(report):
-        _say("  " + line)
+        _say(line if line.startswith("fastsft:") else "  " + line)
 
     # ---- model --------------------------------------------------------------------------------------
     bf16 = device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
@@ -597,9 +597,17 @@ def _report_lines(report: dict) -> list[str]:
         if d.get("bad_skipped"):
             first = d["bad_examples"][0] if d.get("bad_examples") else ""
             line += f", {d['bad_skipped']} bad records skipped (first: {first})"
+        if d.get("truncated"):
+            line += (f", {d['truncated']} truncated to max_seq_len ({d.get('truncated_tokens', '?')} tokens cut, "
+                     f"{d.get('truncated_trained_tokens', '?')} of them response tokens)")
         if d.get("dropped_truncated"):
             line += f", {d['dropped_truncated']} dropped (response cut by max_seq_len)"
         lines.append(line)
+        usable = d["records"] + d.get("dropped_truncated", 0)
+        if d.get("dropped_truncated", 0) > usable / 4:
+            lines.append(f"fastsft: warning: {d['name']}: {d['dropped_truncated']} of {usable} records "
+                         f"({d['dropped_truncated'] / usable:.0%}) dropped because max_seq_len cuts off their whole "
+                         f"response; raise data.max_seq_len to train on them")
     mix = report.get("mixture") or {}
     if len(mix.get("records", {})) > 1:
         shares = ", ".join(f"{k} {v:.1%}" for k, v in mix["records"].items())
