@@ -79,6 +79,9 @@ class DataConfig:
     add_bos: str = _opt("auto", "Prepend the BOS token (auto: when the tokenizer has one).", ("auto", "true", "false"))
     skip_bad_records: bool = _opt(False, "Skip malformed records (counted and reported) instead of stopping.")
     builtin_size: int = _opt(6000, "Records generated for the built-in dataset.")
+    token_cache: bool = _opt(True, "Reuse the token stores of an earlier run on the same data, tokenizer and options "
+                                   "(a cache keyed by their content hashes, in $FASTSFT_CACHE_DIR or "
+                                   "~/.cache/fastsft/token-stores); false always tokenises.")
     packing: bool = _opt(True, "Pack several records into each max_seq_len row (best-fit decreasing), attention "
                                "kept within each record; false pads one record a row.")
 

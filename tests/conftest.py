@@ -26,6 +26,14 @@ def _fresh_kernel_usage():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _private_token_cache(tmp_path_factory, monkeypatch):
+    """Each test gets its own token-store cache (fastsft/data/cache.py), so no test is served the stores
+    of another, and the user's cache is never touched."""
+    monkeypatch.setenv("FASTSFT_CACHE_DIR", str(tmp_path_factory.mktemp("token-cache")))
+    yield
+
+
 # ----------------------------------------------------------------------------------------------------
 # the GPU session's selection: `pytest -m cuda` runs every test that only a GPU runs, each time-boxed
 

@@ -24,6 +24,7 @@ from fastsft import config as config_mod
 from fastsft import kernel_usage
 from fastsft.config import Config, ConfigError
 from fastsft.data import DatasetSpec, TokenStore, build_dataset, load_tokenizer
+from fastsft.data import cache as token_cache
 from fastsft.data.builtin import generate as generate_builtin
 from fastsft.loss import fused_linear_cross_entropy
 from fastsft.model import ModelConfig, build_model, load_model, save_pretrained
@@ -223,9 +224,20 @@ def _train(cfg: Config, run: RunDirectory, dist) -> dict:
     tokenizer_spec = cfg.model.tokenizer or (cfg.model.path if cfg.model.path else "byte")
     tokenizer = load_tokenizer(tokenizer_spec, trust_remote_code=cfg.model.trust_remote_code)
     data_dir = run_dir / "data"
-    if resuming and (data_dir / "train.npz").exists():
+    reuse_run_stores = resuming and (data_dir / "train.npz").exists()
+    cache_key = token_cache.cache_key(cfg, tokenizer) if cfg.data.token_cache and not reuse_run_stores else None
+    cached = token_cache.lookup(cache_key)
+    if reuse_run_stores:
         # the token stores of the interrupted run (verified against run.json): same records, same order
         train_store, eval_store, report = _load_token_stores(data_dir)
+    elif cached is not None:
+        # the same data, tokenizer and options as an earlier run: its token stores, no tokenising
+        if dist.is_main:
+            with writing(data_dir, "the token stores"):
+                token_cache.copy_into(cached, data_dir)
+            run.record_inputs("data")
+        train_store, eval_store, report = _load_token_stores(cached)
+        _say(f"data: token stores from the cache ({cached})")
     else:
         if cfg.data.datasets:
             specs = _dataset_specs(cfg.data.datasets, cfg)
@@ -246,6 +258,7 @@ def _train(cfg: Config, run: RunDirectory, dist) -> dict:
                     eval_store.save(data_dir / "eval.npz")
                 atomic_write_text(data_dir / "report.json", json.dumps(report, indent=1, default=str))
             run.record_inputs("data")
+            token_cache.store(cache_key, data_dir)
     if len(train_store) == 0:
         raise ConfigError("no training records left after validation and truncation")
     general_store = None

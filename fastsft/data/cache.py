@@ -1,0 +1,146 @@
+"""A cache of token stores, so a rerun on the same data starts training without tokenising.
+
+The key is a hash of everything that decides the tokens: the content of every data file (sha256 of its
+bytes; every file of a directory input), the tokenizer (its saved files, chat template included), every
+option that changes what is tokenised or how it is split (format, field mapping, max_seq_len, train_on,
+add_bos, skip_bad_records, eval split, mixture weights, seed, the built-in data's size) and the fastsft
+version. A hit gives exactly the stores a fresh tokenisation would (same records, same order); anything
+that differs is a miss. Entries live in ``$FASTSFT_CACHE_DIR`` (default ``~/.cache/fastsft/token-stores``),
+one directory per key, written atomically; ``data.token_cache: false`` turns the cache off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from fastsft import __version__
+
+STORE_FILES = ("train.npz", "eval.npz", "report.json")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FASTSFT_CACHE_DIR") or Path.home() / ".cache" / "fastsft" / "token-stores")
+
+
+def _file_digest(path: Path, h) -> None:
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+
+
+def _input_digest(path: str) -> str:
+    """sha256 over a file's bytes, or over every file (name and bytes) under a directory."""
+    p = Path(path).expanduser()
+    h = hashlib.sha256()
+    if p.is_dir():
+        for f in sorted(q for q in p.rglob("*") if q.is_file()):
+            h.update(f.relative_to(p).as_posix().encode() + b"\0")
+            _file_digest(f, h)
+    elif p.is_file():
+        _file_digest(p, h)
+    else:  # a hub dataset id or a missing path: the loader says what is wrong; never a cache hit
+        return f"unhashable:{path}"
+    return h.hexdigest()
+
+
+def _tokenizer_digest(tokenizer) -> str:
+    h = hashlib.sha256(repr(type(tokenizer).__name__).encode())
+    with tempfile.TemporaryDirectory() as d:
+        tokenizer.save(d)
+        for f in sorted(Path(d).rglob("*")):
+            if f.is_file():
+                h.update(f.name.encode() + b"\0")
+                _file_digest(f, h)
+    template = getattr(getattr(tokenizer, "hf", None), "chat_template", None)
+    h.update(json.dumps(template, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def cache_key(cfg, tokenizer) -> str | None:
+    """The cache key of the token stores ``cfg`` and ``tokenizer`` make; None when a data input cannot be
+    hashed (then nothing is cached)."""
+    data = cfg.data
+    paths = []
+    for entry in list(data.datasets) + list(data.eval_datasets):
+        paths.append(entry.get("path") if isinstance(entry, dict) else entry)
+    digests = {str(p): _input_digest(str(p)) for p in paths}
+    if any(d.startswith("unhashable:") for d in digests.values()):
+        return None
+    what = {
+        "fastsft": __version__, "inputs": digests, "tokenizer": _tokenizer_digest(tokenizer),
+        "datasets": data.datasets, "eval_datasets": data.eval_datasets, "format": data.format,
+        "fields": data.fields, "max_seq_len": data.max_seq_len, "train_on": data.train_on,
+        "add_bos": data.add_bos, "skip_bad_records": data.skip_bad_records, "eval_fraction": data.eval_fraction,
+        "builtin_size": None if data.datasets else data.builtin_size, "seed": cfg.train.seed,
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _digests(directory: Path) -> dict[str, str]:
+    out = {}
+    for name in STORE_FILES:
+        if (directory / name).is_file():
+            h = hashlib.sha256()
+            _file_digest(directory / name, h)
+            out[name] = h.hexdigest()
+    return out
+
+
+def lookup(key: str | None) -> Path | None:
+    """The cache entry of ``key`` when it is complete and its files are what was written (checksums);
+    a damaged entry is deleted and counts as a miss."""
+    if key is None:
+        return None
+    entry = cache_root() / key
+    try:
+        manifest = json.loads((entry / "manifest.json").read_text())
+        if manifest == _digests(entry) and "train.npz" in manifest and "report.json" in manifest:
+            return entry
+    except (OSError, ValueError):
+        pass
+    if entry.exists():
+        import shutil
+
+        shutil.rmtree(entry, ignore_errors=True)
+    return None
+
+
+def store(key: str | None, data_dir: Path) -> None:
+    """Copy a run's freshly written token stores into the cache (best effort: a cache that cannot be
+    written only costs the next run a tokenisation)."""
+    if key is None:
+        return
+    from fastsft.train.files import atomic_directory
+
+    entry = cache_root() / key
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_directory(entry) as tmp:
+            for name in STORE_FILES:
+                if (data_dir / name).is_file():
+                    _link_or_copy(data_dir / name, tmp / name)
+            (tmp / "manifest.json").write_text(json.dumps(_digests(tmp), sort_keys=True))
+    except (OSError, ValueError):
+        pass
+
+
+def copy_into(entry: Path, data_dir: Path) -> None:
+    """The cached stores into a run's data/ directory (hard links where the filesystem allows)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for name in STORE_FILES:
+        if (entry / name).is_file():
+            _link_or_copy(entry / name, data_dir / name)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    import shutil
+
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
