@@ -206,3 +206,15 @@ def test_cuda_marker_selects_every_gpu_only_test():
     assert len(gpu) >= 26 and not gpu & rest
     assert any("test_real_varlen_kernel_is_chosen_on_the_gpu" in t for t in gpu)
     assert any("test_packing_cuda.py" in t for t in gpu) and any("tests/kernels/" in t for t in gpu)
+
+
+def test_first_step_benchmark_smoke(tmp_path):
+    """Cold, then cached: the second run's token stores come from the cache (no timing asserted)."""
+    import pytest
+
+    if not (REPO.parent / "shared" / "tokenizers" / "llama2").exists():
+        pytest.skip("needs ../shared")
+    out = tmp_path / "r.json"
+    _run(REPO / "benchmarks" / "bench_first_step.py", "--smoke", "--no-trl", "--out", out)
+    rows = {r["provider"]: r for r in json.loads(out.read_text())["rows"]}
+    assert not rows["fastsft-cold"]["token_stores_from_cache"] and rows["fastsft-cached"]["token_stores_from_cache"]
