@@ -42,8 +42,16 @@ def _input_digest(path: str) -> str:
             _file_digest(f, h)
     elif p.is_file():
         _file_digest(p, h)
-    else:  # a hub dataset id or a missing path: the loader says what is wrong; never a cache hit
-        return f"unhashable:{path}"
+    else:  # a Hub dataset id: the files of its local cache snapshot; a missing path is never a cache hit
+        from fastsft.data.formats import resolve_source
+
+        try:
+            files = resolve_source(path)
+        except Exception:  # noqa: BLE001 - the loader says what is wrong
+            return f"unhashable:{path}"
+        for f, name in files:
+            h.update(name.encode() + b"\0")
+            _file_digest(f, h)
     return h.hexdigest()
 
 

@@ -3,7 +3,8 @@
 `DataError` is what users see: one line naming the file, the line (JSONL) or record index (JSON
 list) and the reason, e.g. ``gsm8k.jsonl:17: field 'answer' is missing``. Code that only knows about
 one record (validation, templating, `encode_record`) raises `RecordError` with the reason alone; the
-reader that knows where the record came from re-raises it with `RecordError.at(...)`.
+reader that knows where the record came from re-raises it with `RecordError.at(...)`. Records read from
+Parquet/Arrow files are located by their 0-based row in the file (``train-00000.parquet[17]: ...``).
 """
 
 from __future__ import annotations
@@ -40,3 +41,10 @@ class RecordError(DataError):
 
     def at(self, path: str, line: int | None = None, index: int | None = None) -> "RecordError":
         return RecordError(self.reason, path=path, line=line, index=index)
+
+    def within(self, part: str | None) -> "RecordError":
+        """The same error located inside a record (``part`` e.g. ``instances[2]``, the element of a list
+        exploded by the field mapping); unchanged when there is no part or the reason names it already."""
+        if not part or part in self.reason:
+            return self
+        return RecordError(f"{part}: {self.reason}", path=self.path, line=self.line, index=self.index)

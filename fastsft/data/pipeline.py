@@ -1,6 +1,6 @@
 """From record files to token stores: `build_dataset` and `encode_record`.
 
-    specs -> read (formats.read_records) -> detect format / map fields -> validate every record
+    specs -> read (formats.iter_records, streamed) -> detect format / map fields -> validate every record
           -> render (templates) -> tokenize in batches -> labels from character spans
           -> BOS, truncation -> TokenStore per dataset -> eval split -> weighted mixture
 
@@ -16,6 +16,7 @@ Label conventions (labels are not shifted; labels[t] is ids[t] or -100):
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,8 @@ import numpy as np
 
 from .errors import DataError, RecordError
 from .formats import (FORMATS, RawRecord, apply_fields, check_fields, detect_file_format,
-                      detect_format, normalize, read_records, records_from_memory)
+                      detect_format, detection_sample, element_label, iter_records, normalize,
+                      record_elements, records_from_memory)
 from .store import IGNORE_INDEX, TokenStore
 from .templates import TRAIN_ON, Rendered, render_example
 from .tokenizer import Tokenizer, load_tokenizer
@@ -36,10 +38,12 @@ _BAD_EXAMPLES = 5      # bad-record messages kept per file in the report
 
 @dataclass
 class DatasetSpec:
-    """One dataset: a .json/.jsonl file (`path`) or in-memory `records` (list of dicts).
+    """One dataset: a source (`path`: a JSON/JSONL/Parquet/Arrow file, a `datasets` save_to_disk
+    directory or a Hub dataset id in the local cache, see formats.py) or in-memory `records`.
 
     format: "auto" (detected per file) or one of FORMATS. fields: canonical -> source field
-    mapping applied before detection, e.g. {"prompt": "question", "completion": "answer"}.
+    mapping applied before detection, e.g. {"prompt": "question", "completion": "answer"}; sources
+    may be paths into records, and `[*]` takes one example per element of a list (formats.py).
     weight: the dataset contributes round(weight * len) records to the training mixture."""
     path: str | Path | None = None
     format: str = "auto"
@@ -184,7 +188,8 @@ class _BadRecords:
         self.examples: list[str] = []
 
     def __call__(self, err: RecordError, raw: RawRecord, path: str) -> None:
-        located = err.at(path, line=raw.line, index=raw.index)
+        # a directory or Hub id stands for several files: name the record's own; and its list element
+        located = err.within(raw.part).at(raw.file or path, line=raw.line, index=raw.index)
         if not self.skip:
             raise located from None
         self.count += 1
@@ -203,27 +208,43 @@ def load_dataset(spec: DatasetSpec, tokenizer: Tokenizer, *, max_seq_len: int, t
     if spec.records is not None:
         if not isinstance(spec.records, (list, tuple)):
             raise DataError(f"records must be a list, got {type(spec.records).__name__}", path=path)
-        raws = records_from_memory(spec.records)
-        if not raws:
+        raws = iter(records_from_memory(spec.records))
+        if not spec.records:
             raise DataError("no records", path=path)
     else:
-        raws = read_records(spec.path)
+        raws = iter_records(spec.path)  # streamed: Parquet/Arrow a batch of rows at a time
 
     detected = spec.format == "auto"
-    fmt = detect_file_format(raws, fields, path) if detected else spec.format
+    head = detection_sample(raws, fields) if detected else []
+    fmt = detect_file_format(head, fields, path) if detected else spec.format
     bad = _BadRecords(skip_bad_records)
 
-    # validate and render every record first: errors name the record before any tokenization
+    # validate and render every record first: errors name the record before any tokenization. Only
+    # the rendered text is kept, and where each record came from (not the record).
     rendered: list[Rendered] = []
     kept_raws: list[RawRecord] = []
-    for raw in raws:
+    n_read = n_source = 0
+    for raw in itertools.chain(head, raws):
+        n_source += 1
         try:
             if raw.error is not None:
                 raise raw.error
-            rendered.append(render_example(normalize(raw.value, fmt, fields), fmt, tokenizer, train_on))
-            kept_raws.append(raw)
+            elements = record_elements(raw.value, fields)  # [None], or one per element of a [*] list
         except RecordError as e:
+            n_read += 1
             bad(e, raw, path)
+            continue
+        n_read += len(elements)
+        for element in elements:
+            at = RawRecord(None, line=raw.line, index=raw.index, file=raw.file,
+                           part=element_label(fields, element))
+            try:
+                example = normalize(raw.value, fmt, fields, element=element)
+                rendered.append(render_example(example, fmt, tokenizer, train_on))
+                kept_raws.append(at)
+            except RecordError as e:
+                bad(e, at, path)
+    del head
 
     try:
         encoded = tokenize_rendered(rendered, tokenizer, add_bos)
@@ -259,7 +280,6 @@ def load_dataset(spec: DatasetSpec, tokenizer: Tokenizer, *, max_seq_len: int, t
         raise DataError(f"only {len(kept)} of {len(kept) + dropped} records are left: {dropped} lose every trained "
                         f"token when truncated to max_seq_len={max_seq_len}; raise data.max_seq_len", path=path)
 
-    n_read = len(raws)
     if not kept:
         if bad.count:
             raise DataError(f"no usable records: all {bad.count} of {n_read} records are bad "
@@ -275,6 +295,7 @@ def load_dataset(spec: DatasetSpec, tokenizer: Tokenizer, *, max_seq_len: int, t
         "fields": dict(fields) or None,
         "weight": spec.weight,
         "records_read": n_read,
+        "source_records": n_source,  # records in the source (records_read counts [*] elements apart)
         "bad_skipped": bad.count,
         "bad_examples": bad.examples,
         "dropped_truncated": dropped,
