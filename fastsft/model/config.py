@@ -11,13 +11,17 @@ AutoConfig / AutoModelForCausalLM load back to the same architecture.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import inspect
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Optional, Union
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "yarn", "longrope")
+# Older spellings of a rope type, read as the type they name (and written back under that name).
+ROPE_TYPE_ALIASES = {"su": "longrope"}  # Phi-3's first 128k checkpoints
 
 # model_type -> the HF class name written to config.json "architectures".
 ARCHITECTURES = {
@@ -27,11 +31,108 @@ ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
 }
 
-# Parameters each rope type needs (besides rope_theta, stored separately).
-_ROPE_REQUIRED_KEYS = {
-    "default": (),
-    "linear": ("factor",),
-    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+# Parameters each rope type reads besides rope_theta (kept in ModelConfig.rope_theta): (required,
+# optional). An optional one that is absent takes transformers' default (see llama.compute_inv_freq).
+# Any other key in rope_scaling/rope_parameters is one transformers 5 ignores too (it only warns), so
+# it is dropped; ROPE_KEYS_REFUSED are the exception.
+ROPE_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "default": ((), ()),
+    "linear": (("factor",), ()),
+    "llama3": (("factor", "low_freq_factor", "high_freq_factor"), ("original_max_position_embeddings",)),
+    # dynamic NTK keys on max_position_embeddings (not original_max_position_embeddings), as transformers does
+    "dynamic": (("factor",), ()),
+    "yarn": (("factor",), ("original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow",
+                           "mscale", "mscale_all_dim", "truncate")),
+    "longrope": (("short_factor", "long_factor"), ("original_max_position_embeddings", "factor", "attention_factor")),
+}
+# rope keys that change the math but that fastsft does not implement: refused unless one of these values.
+ROPE_KEYS_REFUSED: dict[str, tuple] = {"partial_rotary_factor": (None, 1, 1.0)}
+# rope keys transformers' Llama-family models never read for the math (checked by tests/model/test_config_fields.py
+# against transformers' RopeParameters): the type's name and base, and multimodal RoPE's sections.
+ROPE_KEYS_INERT = ("rope_type", "type", "rope_theta", "mrope_section")
+# Rope types whose original_max_position_embeddings defaults to max_position_embeddings, and for which a
+# top-level original_max_position_embeddings (Phi-3's spelling) takes precedence, as in transformers 5.
+_ROPE_TYPES_WITH_ORIGINAL_CTX = ("llama3", "yarn", "longrope")
+
+# ---------------------------------------------------------------------------------------------- HF fields
+# How from_hf_dict treats every field of the transformers config classes it loads (LlamaConfig,
+# MistralConfig, Qwen2Config, Qwen3Config), and the undeclared config.json keys their code reads:
+#   READ   parsed into ModelConfig (for the families whose transformers class reads it);
+#   INERT  does not change the forward or backward math (token ids, output flags, bookkeeping);
+#   a tuple: refused with one ValueError line unless the value is one of those listed.
+# A config.json key not listed here is one transformers does not declare for the family (ignored, as
+# transformers ignores it), or -- with a value off transformers' default -- a field a newer transformers
+# declares: refused by name (see _check_hf_fields). tests/model/test_config_fields.py walks the
+# transformers classes and fails on a declared field missing here.
+READ, INERT = "read", "inert"
+HF_FIELDS: dict[str, Union[str, tuple]] = {
+    # architecture
+    "model_type": READ,
+    "vocab_size": READ,
+    "hidden_size": READ,
+    "intermediate_size": READ,
+    "num_hidden_layers": READ,
+    "num_attention_heads": READ,
+    "num_key_value_heads": READ,
+    "head_dim": READ,  # declared by Llama/Mistral/Qwen3; Qwen2's modeling code reads it when present
+    "rms_norm_eps": READ,
+    "tie_word_embeddings": READ,
+    "attention_bias": READ,  # llama/qwen3 (mistral and qwen2 hard-code their biases, as fastsft does)
+    "mlp_bias": READ,  # llama only
+    "attention_dropout": READ,
+    "initializer_range": READ,  # init of new weights only
+    # RoPE (rope_scaling: transformers 4 layout; rope_theta/partial_rotary_factor: top-level 4.x keys)
+    "rope_parameters": READ,
+    "rope_scaling": READ,
+    "rope_theta": READ,
+    "max_position_embeddings": READ,  # dynamic NTK's threshold, the default original context of yarn/longrope
+    "original_max_position_embeddings": READ,  # top-level (Phi-3): wins over the rope dict's, as in transformers 5
+    "partial_rotary_factor": (None, 1, 1.0),
+    # attention windows
+    "sliding_window": READ,
+    "use_sliding_window": READ,  # qwen2/qwen3
+    "max_window_layers": READ,  # qwen2/qwen3
+    "layer_types": READ,  # qwen2/qwen3 (Mistral's modeling code ignores it)
+    "hidden_act": ("silu", "swish"),  # transformers' ACT2FN maps both to SiLU
+    # no effect on the math
+    "pretraining_tp": INERT,  # unread by transformers 5; 4.x only split the same matmuls into slices
+    "bos_token_id": INERT,
+    "eos_token_id": INERT,
+    "pad_token_id": INERT,
+    "dtype": INERT,  # recorded as ModelConfig.torch_dtype (the checkpoint's storage dtype)
+    "torch_dtype": INERT,
+    "use_cache": INERT,
+    "output_attentions": INERT,
+    "output_hidden_states": INERT,
+    "return_dict": INERT,
+    "architectures": INERT,
+    "transformers_version": INERT,
+    "_name_or_path": INERT,
+    "chunk_size_feed_forward": INERT,  # unread by the Llama-family models
+    "is_encoder_decoder": INERT,
+    "id2label": INERT,  # classification heads only
+    "label2id": INERT,
+    "problem_type": INERT,
+    "quantization_config": INERT,  # bitsandbytes 4-bit: fastsft.model.loading reads it
+}
+
+# What transformers' config class of each family gives a READ field that config.json omits, where that
+# is not ModelConfig's own default (e.g. Qwen3's head_dim is 128, not hidden_size // num_attention_heads;
+# Mistral's sliding_window is 4096). Checked against transformers by tests/model/test_config_fields.py.
+_SIZES = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+              num_attention_heads=32, num_key_value_heads=None, head_dim=None, rms_norm_eps=1e-6,
+              max_position_embeddings=2048, tie_word_embeddings=False, initializer_range=0.02,
+              attention_dropout=0.0, rope_theta=10000.0)
+HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": dict(_SIZES, attention_bias=False, mlp_bias=False),
+    "mistral": dict(_SIZES, intermediate_size=14336, num_key_value_heads=8, max_position_embeddings=131072,
+                    sliding_window=4096),
+    "qwen2": dict(_SIZES, vocab_size=151936, intermediate_size=22016, num_key_value_heads=32,
+                  max_position_embeddings=32768, use_sliding_window=False, sliding_window=4096,
+                  max_window_layers=28),
+    "qwen3": dict(_SIZES, vocab_size=151936, intermediate_size=22016, num_key_value_heads=32, head_dim=128,
+                  max_position_embeddings=32768, attention_bias=False, use_sliding_window=False,
+                  sliding_window=4096, max_window_layers=28),
 }
 
 TokenId = Optional[Union[int, list]]
@@ -49,26 +150,85 @@ def _unsupported_rope_type(rope_type: Any) -> ValueError:
     )
 
 
-def _normalize_rope_scaling(rope: Optional[dict]) -> Optional[dict]:
-    """Return {"rope_type": t, **params} without rope_theta, or None for plain RoPE."""
+def _refused(where: str, key: str, value: Any, accepted: tuple) -> ValueError:
+    ok = ", ".join(repr(v) for v in accepted if v is not None)
+    return ValueError(f"{where} field {key!r} = {value!r} is not supported by fastsft (it implements {ok} only)")
+
+
+def _normalize_rope_scaling(rope: Optional[dict], head_dim: int, max_position_embeddings: int) -> Optional[dict]:
+    """Return {"rope_type": t, **the params t reads} without rope_theta, or None for plain RoPE."""
     if rope is None:
         return None
     if not isinstance(rope, dict):
         raise ValueError(f"rope_scaling must be a dict or None, got {type(rope).__name__}")
-    rope = {k: v for k, v in rope.items() if k not in ("rope_theta", "type")} | {
-        "rope_type": rope.get("rope_type", rope.get("type", "default"))
-    }
-    rope_type = rope["rope_type"]
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    rope_type = ROPE_TYPE_ALIASES.get(rope_type, rope_type)
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise _unsupported_rope_type(rope_type)
-    if rope.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError("partial_rotary_factor != 1 is not supported by fastsft")
-    missing = [k for k in _ROPE_REQUIRED_KEYS[rope_type] if k not in rope]
+    for key, accepted in ROPE_KEYS_REFUSED.items():
+        if rope.get(key) not in accepted:
+            raise _refused("rope_scaling/rope_parameters", key, rope[key], accepted)
+    required, optional = ROPE_KEYS[rope_type]
+    missing = [k for k in required if k not in rope]
     if missing:
         raise ValueError(f"rope type {rope_type!r} requires {missing} in rope_scaling/rope_parameters")
     if rope_type == "default":
         return None
-    return rope
+    out = {"rope_type": rope_type, **{k: rope[k] for k in required + optional if k in rope}}
+    factor = out.get("factor")
+    if (factor is not None or rope_type in ("linear", "dynamic", "llama3")) and (
+            isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 0):
+        raise ValueError(f"rope type {rope_type!r} needs a positive number as factor, got {factor!r}")
+    if rope_type in _ROPE_TYPES_WITH_ORIGINAL_CTX and out.get("original_max_position_embeddings") is None:
+        out["original_max_position_embeddings"] = max_position_embeddings
+    if rope_type == "longrope":
+        for k in ("short_factor", "long_factor"):
+            if not isinstance(out[k], (list, tuple)) or len(out[k]) != head_dim // 2:
+                raise ValueError(f"longrope {k} must be a list of head_dim // 2 = {head_dim // 2} numbers")
+            out[k] = [float(x) for x in out[k]]
+    return out
+
+
+def _hf_declared_default(model_type: str, key: str) -> Any:
+    """The default of field ``key`` in the installed transformers' config class for ``model_type``, or
+    _NOT_DECLARED when that class does not declare it (or transformers cannot be imported)."""
+    try:
+        from transformers import CONFIG_MAPPING
+
+        cls = CONFIG_MAPPING[model_type]
+    except Exception:
+        return _NOT_DECLARED
+    if dataclasses.is_dataclass(cls):  # transformers 5
+        for f in dataclasses.fields(cls):
+            if f.name == key:
+                if f.default is not dataclasses.MISSING:
+                    return f.default
+                return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        return _NOT_DECLARED
+    param = inspect.signature(cls.__init__).parameters.get(key)  # transformers 4: __init__ keywords
+    if param is None or param.kind is inspect.Parameter.VAR_KEYWORD:
+        return _NOT_DECLARED
+    return None if param.default is inspect.Parameter.empty else param.default
+
+
+_NOT_DECLARED = object()
+
+
+def _check_hf_fields(d: dict) -> None:
+    """One ValueError line for the first config.json field that changes the math and that fastsft neither
+    reads nor implements: a refused field off its accepted values, or a field HF_FIELDS does not know
+    that the installed transformers declares for this family, set off its default."""
+    mt = d.get("model_type")
+    for key, value in d.items():
+        rule = HF_FIELDS.get(key)
+        if isinstance(rule, tuple):
+            if value not in rule:
+                raise _refused("config.json", key, value, rule)
+        elif rule is None:
+            default = _hf_declared_default(mt, key)
+            if default is not _NOT_DECLARED and value != default:
+                raise ValueError(f"config.json field {key!r} = {value!r} changes the model in transformers "
+                                 f"(default {default!r}) and fastsft does not implement it")
 
 
 @dataclass
@@ -94,9 +254,11 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     # RoPE base.
     rope_theta: float = 10000.0
-    # RoPE scaling: None (plain RoPE) or {"rope_type": "linear"|"llama3", ...params}.
+    # RoPE scaling: None (plain RoPE) or {"rope_type": one of SUPPORTED_ROPE_TYPES, ...the params
+    # ROPE_KEYS lists for it}; original_max_position_embeddings defaults to max_position_embeddings.
     rope_scaling: Optional[dict] = None
-    # Context length the model was trained for (informational; RoPE is computed on the fly).
+    # Context length the model was trained for. Only RoPE reads it: dynamic NTK rescales past it, and
+    # yarn/longrope derive their factor from it when theirs is absent (RoPE is computed on the fly).
     max_position_embeddings: int = 2048
     # lm_head.weight is the same tensor as model.embed_tokens.weight.
     tie_word_embeddings: bool = False
@@ -114,6 +276,8 @@ class ModelConfig:
     # Qwen2/Qwen3 only: layers with index >= max_window_layers use the sliding window;
     # None means every layer does (Mistral).
     max_window_layers: Optional[int] = None
+    # Dropout on the attention probabilities in training mode (every attention path; see llama.Attention).
+    attention_dropout: float = 0.0
     # Std of the normal init for Linear / Embedding weights.
     initializer_range: float = 0.02
     # Special token ids, as in config.json (eos may be a list, e.g. Llama 3.1).
@@ -139,7 +303,9 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
-        self.rope_scaling = _normalize_rope_scaling(self.rope_scaling)
+        self.rope_scaling = _normalize_rope_scaling(self.rope_scaling, self.head_dim, self.max_position_embeddings)
+        if not 0.0 <= self.attention_dropout < 1.0:
+            raise ValueError(f"attention_dropout must be in [0, 1), got {self.attention_dropout}")
 
         mt = self.model_type
         if self.qk_norm is None:
@@ -180,32 +346,35 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, d: dict) -> "ModelConfig":
         """Build from a Hugging Face config.json dict (transformers 4.x or 5.x layout)."""
-        d = dict(d)
         mt = d.get("model_type")
         if mt not in SUPPORTED_MODEL_TYPES:
             raise _unsupported_model_type(mt)
         act = d.get("hidden_act", "silu")
-        if act != "silu":
+        if act not in HF_FIELDS["hidden_act"]:
             raise ValueError(f"unsupported hidden_act {act!r}; fastsft supports: silu")
+        _check_hf_fields(d)
+        # A field config.json omits takes the default of transformers' class for this family.
+        d = {**HF_DEFAULTS[mt], **d}
 
-        # RoPE: transformers 5 writes rope_parameters (with rope_theta inside); older
-        # configs use a top-level rope_theta and rope_scaling with "type" or "rope_type".
+        # RoPE: transformers 5 writes rope_parameters (with rope_theta inside); older configs use a
+        # top-level rope_theta and rope_scaling with "type" or "rope_type". Where both are present,
+        # transformers 5 takes rope_scaling, and the chosen dict's own rope_theta over the top-level one.
         rope_params = d.get("rope_parameters")
         rope_scaling = d.get("rope_scaling")
-        if rope_params is not None and not isinstance(rope_params, dict):
-            raise ValueError("rope_parameters must be a dict")
-        if rope_params and any(isinstance(v, dict) for v in rope_params.values()):
+        for name, r in (("rope_parameters", rope_params), ("rope_scaling", rope_scaling)):
+            if r is not None and not isinstance(r, dict):
+                raise ValueError(f"{name} must be a dict")
+        rope = dict(rope_scaling or rope_params or {})
+        if any(isinstance(v, dict) for v in rope.values()):
             raise ValueError("per-layer-type rope_parameters are not supported by fastsft")
-        rope = rope_params if rope_params else rope_scaling
-        rope_theta = None
-        if rope_params and rope_params.get("rope_theta") is not None:
-            rope_theta = rope_params["rope_theta"]
+        rope_theta = rope.pop("rope_theta", None)
         if rope_theta is None:
-            rope_theta = d.get("rope_theta", 10000.0)
-        if rope is not None:
-            rope = {k: v for k, v in rope.items() if k != "rope_theta"}
-            if not rope:
-                rope = None
+            rope_theta = d["rope_theta"]
+        rope_type = rope.get("rope_type", rope.get("type"))
+        if ROPE_TYPE_ALIASES.get(rope_type, rope_type) in _ROPE_TYPES_WITH_ORIGINAL_CTX \
+                and d.get("original_max_position_embeddings") is not None:
+            # transformers 5 gives a top-level original_max_position_embeddings (Phi-3's spelling) precedence
+            rope["original_max_position_embeddings"] = d["original_max_position_embeddings"]
 
         n_heads = d["num_attention_heads"]
         kw: dict[str, Any] = dict(
@@ -217,12 +386,13 @@ class ModelConfig:
             num_attention_heads=n_heads,
             num_key_value_heads=d.get("num_key_value_heads") or n_heads,
             head_dim=d.get("head_dim") or None,
-            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rms_norm_eps=d["rms_norm_eps"],
             rope_theta=float(rope_theta),
-            rope_scaling=rope,
-            max_position_embeddings=d.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            initializer_range=d.get("initializer_range", 0.02),
+            rope_scaling=rope or None,
+            max_position_embeddings=d["max_position_embeddings"],
+            tie_word_embeddings=bool(d["tie_word_embeddings"]),
+            attention_dropout=float(d["attention_dropout"] or 0.0),
+            initializer_range=d["initializer_range"],
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
             pad_token_id=d.get("pad_token_id"),
@@ -242,7 +412,7 @@ class ModelConfig:
         if mt == "mistral":
             kw["sliding_window"] = d.get("sliding_window")
         elif mt in ("qwen2", "qwen3"):
-            if d.get("use_sliding_window", False) and d.get("sliding_window") is not None:
+            if d["use_sliding_window"] and d.get("sliding_window") is not None:
                 kw["sliding_window"] = d["sliding_window"]
                 layer_types = d.get("layer_types")
                 if layer_types:
@@ -252,7 +422,7 @@ class ModelConfig:
                         raise ValueError("non-contiguous layer_types patterns are not supported by fastsft")
                     kw["max_window_layers"] = first
                 else:
-                    kw["max_window_layers"] = d.get("max_window_layers", 28)
+                    kw["max_window_layers"] = d["max_window_layers"]
         return cls(**kw)
 
     @classmethod
@@ -308,12 +478,15 @@ class ModelConfig:
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
             "initializer_range": self.initializer_range,
-            "attention_dropout": 0.0,
+            "attention_dropout": self.attention_dropout,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
             "pad_token_id": self.pad_token_id,
             "use_cache": True,
         }
+        if self.rope_type == "longrope":
+            # transformers 4 reads longrope's original context only at the top level (5 reads either)
+            d["original_max_position_embeddings"] = self.rope_scaling["original_max_position_embeddings"]
         if self.torch_dtype is not None:
             d["dtype"] = self.torch_dtype
             d["torch_dtype"] = self.torch_dtype

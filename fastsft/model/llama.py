@@ -24,22 +24,112 @@ from .config import ModelConfig
 from .fused import KernelChoice
 
 __all__ = ["RMSNorm", "RotaryEmbedding", "Attention", "MLP", "DecoderLayer", "Backbone", "CausalLM",
-           "build_model", "compute_inv_freq", "rotate_half", "apply_rotary_pos_emb"]
+           "build_model", "compute_inv_freq", "rope_attention_factor", "rotate_half", "apply_rotary_pos_emb"]
 
 
 # --------------------------------------------------------------------------- RoPE
-def compute_inv_freq(config: ModelConfig) -> torch.Tensor:
-    """RoPE inverse frequencies [head_dim // 2] in float32 on CPU (default/linear/llama3)."""
+# Every rope type transformers 5 gives the Llama family, computed here and only here (the math of
+# transformers.modeling_rope_utils, in the same float32 operations so the two agree to rounding):
+#   default   inv_freq_i = theta^(-2i/d)
+#   linear    inv_freq / factor
+#   llama3    low frequencies / factor, high ones kept, a smooth band between (wavelength vs original ctx)
+#   yarn      per-dimension blend of inv_freq and inv_freq / factor (ramp between the beta_fast/beta_slow
+#             correction dims), and cos/sin scaled by the attention factor 0.1 ln(factor) + 1 (or mscale's)
+#   dynamic   NTK: theta' = theta ((factor L / max_pos) - (factor - 1))^(d / (d - 2)) once L > max_pos
+#   longrope  inv_freq / short_factor_i, or / long_factor_i once L > original ctx; cos/sin scaled by
+#             sqrt(1 + ln(factor) / ln(original ctx))
+# L is a sequence length: the largest position + 1. transformers takes it over the whole batch (its rotary
+# module keys on max(position_ids)); fastsft takes it per sequence -- per row, or per packed sequence --
+# so a sequence's frequencies are the ones transformers gives it alone, whatever it is batched or packed
+# with. The two agree whenever every sequence of a batch is on the same side of the threshold. (transformers'
+# dynamic type also keeps the longest L seen across calls until a call falls below max_pos; a forward
+# here depends on its own positions only, as a fresh transformers model's first forward does.)
+_PER_SEQUENCE_ROPE = ("dynamic", "longrope")
+
+
+def _yarn_inv_freq(config: ModelConfig) -> torch.Tensor:
+    rs, dim, base = config.rope_scaling, config.head_dim, config.rope_theta
+    factor = rs["factor"]
+    original_ctx = rs["original_max_position_embeddings"]
+    if factor is None:
+        factor = config.max_position_embeddings / original_ctx
+    beta_fast = rs.get("beta_fast") or 32  # transformers' defaults (YaRN paper), also for an explicit 0
+    beta_slow = rs.get("beta_slow") or 1
+
+    def correction_dim(num_rotations):  # the dim whose wavelength fits num_rotations times in original_ctx
+        return (dim * math.log(original_ctx / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # the ramp below would divide by zero
+    pos_freqs = base ** (torch.arange(0, dim, 2, device="cpu").to(dtype=torch.float) / dim)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1)
+    keep = 1 - ramp  # 1: high-frequency dims, kept (extrapolated); 0: low-frequency dims, interpolated
+    return interpolation * (1 - keep) + extrapolation * keep
+
+
+def _longrope_inv_freq(config: ModelConfig, long: bool) -> torch.Tensor:
+    rs, dim = config.rope_scaling, config.head_dim
+    ext = torch.tensor(rs["long_factor" if long else "short_factor"], dtype=torch.float32, device="cpu")
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
+    return 1.0 / (ext * config.rope_theta ** exponents)
+
+
+def _dynamic_ntk_inv_freq(config: ModelConfig, seq_len: torch.Tensor) -> torch.Tensor:
+    """[..., d/2] for int64 lengths [...]; float32 throughout, as transformers computes it in the forward."""
+    dim, max_pos, factor = config.head_dim, config.max_position_embeddings, config.rope_scaling["factor"]
+    seq_len = seq_len.clamp_min(max_pos)  # within max_pos the base stays theta (callers pick plain RoPE there)
+    base = config.rope_theta * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2))
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=seq_len.device).float() / dim
+    return 1.0 / (base[..., None] ** exponents)
+
+
+def _per_sequence_inv_freq(config: ModelConfig, lengths: torch.Tensor, short: torch.Tensor,
+                           long: Optional[torch.Tensor]) -> torch.Tensor:
+    """dynamic / longrope: [..., d/2] for int64 lengths [...]: ``short`` up to the threshold, past it
+    longrope's ``long`` or dynamic NTK's frequencies for that length."""
+    past = lengths[..., None] > rope_threshold(config)
+    other = _dynamic_ntk_inv_freq(config, lengths) if config.rope_type == "dynamic" else long
+    return torch.where(past, other, short)
+
+
+def rope_threshold(config: ModelConfig) -> Optional[int]:
+    """The sequence length past which dynamic / longrope switch frequencies (None for other types)."""
+    if config.rope_type == "dynamic":
+        return config.max_position_embeddings
+    if config.rope_type == "longrope":
+        return config.rope_scaling["original_max_position_embeddings"]
+    return None
+
+
+def compute_inv_freq(config: ModelConfig, seq_len: Union[None, int, torch.Tensor] = None) -> torch.Tensor:
+    """RoPE inverse frequencies [head_dim // 2] in float32 on CPU, for a sequence of ``seq_len`` tokens
+    (largest position + 1; only dynamic and longrope depend on it; None: within the original context).
+    A tensor of lengths [...] gives [..., head_dim // 2] on its device."""
     dim = config.head_dim
     inv_freq = 1.0 / (
         config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim)
     )
     rs = config.rope_scaling
-    if rs is None:
+    rope_type = config.rope_type
+    if rope_type in _PER_SEQUENCE_ROPE and seq_len is not None:
+        on = seq_len.device if isinstance(seq_len, torch.Tensor) else "cpu"
+        lengths = torch.as_tensor(seq_len, dtype=torch.int64, device=on)
+        short = compute_inv_freq(config).to(lengths.device)
+        long = _longrope_inv_freq(config, long=True).to(lengths.device) if rope_type == "longrope" else None
+        return _per_sequence_inv_freq(config, lengths, short, long)
+    if rs is None or rope_type == "dynamic":  # dynamic within max_position_embeddings: plain RoPE
         return inv_freq
-    rope_type = rs["rope_type"]
     if rope_type == "linear":
         return inv_freq / float(rs["factor"])
+    if rope_type == "yarn":
+        return _yarn_inv_freq(config)
+    if rope_type == "longrope":
+        return _longrope_inv_freq(config, long=False)
     if rope_type == "llama3":
         factor = float(rs["factor"])
         low, high = float(rs["low_freq_factor"]), float(rs["high_freq_factor"])
@@ -57,6 +147,40 @@ def compute_inv_freq(config: ModelConfig) -> torch.Tensor:
     raise ValueError(f"unsupported rope type {rope_type!r}")  # config validation makes this unreachable
 
 
+def rope_attention_factor(config: ModelConfig) -> float:
+    """The factor transformers multiplies cos and sin by (yarn, longrope; 1 for the other types)."""
+    rs = config.rope_scaling
+    if config.rope_type not in ("yarn", "longrope"):
+        return 1.0
+    original_ctx = rs["original_max_position_embeddings"]
+    factor = rs.get("factor")
+    if factor is None:
+        factor = config.max_position_embeddings / original_ctx
+    if rs.get("attention_factor") is not None:
+        return rs["attention_factor"]
+    if config.rope_type == "longrope":
+        return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original_ctx))
+
+    def mscale(scale, m=1):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    m, m_all = rs.get("mscale"), rs.get("mscale_all_dim")
+    if m and m_all:  # DeepSeek's spelling: the ratio of two mscales
+        return float(mscale(factor, m) / mscale(factor, m_all))
+    return mscale(factor)
+
+
+def _sequence_lengths(position_ids: torch.Tensor, seq_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    """Per-token length (largest position + 1) of the sequence each token belongs to: [B, 1] per row,
+    or [B, T] per packed sequence when ``seq_ids`` [B, T] (indices over the flattened batch) is given.
+    Stays on the device (no host sync)."""
+    if seq_ids is None:
+        return position_ids.amax(dim=-1, keepdim=True) + 1
+    flat_ids, flat_pos = seq_ids.reshape(-1), position_ids.reshape(-1).to(torch.int64)
+    largest = flat_pos.new_zeros(flat_ids.numel() + 1).scatter_reduce(0, flat_ids, flat_pos, "amax")
+    return largest[seq_ids] + 1
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -72,26 +196,43 @@ def apply_rotary_pos_emb(q, k, cos, sin):
 class RotaryEmbedding(nn.Module):
     """cos/sin per token from position_ids. Holds no buffer: inv_freq is a float32
     tensor cached per device outside the state dict, so `.to(bfloat16)` never rounds it
-    and meta-device construction needs no special handling."""
+    and meta-device construction needs no special handling. yarn/longrope's attention
+    factor multiplies cos and sin, as in transformers."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        self.config = config
+        self.per_sequence = config.rope_type in _PER_SEQUENCE_ROPE  # frequencies depend on the sequence length
+        self.attention_scaling = rope_attention_factor(config)
         self._inv_freq_cpu = compute_inv_freq(config)
-        self._cache: dict[torch.device, torch.Tensor] = {}
+        # longrope past its original context (dynamic computes its frequencies from the length instead)
+        self._long_inv_freq_cpu = _longrope_inv_freq(config, long=True) if config.rope_type == "longrope" else None
+        self._cache: dict[tuple[torch.device, bool], torch.Tensor] = {}
 
-    def inv_freq(self, device: torch.device) -> torch.Tensor:
-        t = self._cache.get(device)
+    def inv_freq(self, device: torch.device, long: bool = False) -> torch.Tensor:
+        t = self._cache.get((device, long))
         if t is None:
-            t = self._inv_freq_cpu.to(device)
-            self._cache[device] = t
+            t = (self._long_inv_freq_cpu if long else self._inv_freq_cpu).to(device)
+            self._cache[(device, long)] = t
         return t
 
     @torch.no_grad()
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
-        inv = self.inv_freq(position_ids.device)
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype, seq_ids: Optional[torch.Tensor] = None):
+        """position_ids [B, T]; seq_ids [B, T] (packed rows: each token's sequence index) lets dynamic and
+        longrope choose their frequencies per packed sequence rather than per row."""
+        if self.per_sequence:
+            dev = position_ids.device
+            long = self.inv_freq(dev, long=True) if self._long_inv_freq_cpu is not None else None
+            lengths = _sequence_lengths(position_ids, seq_ids)  # [B, 1|T]
+            inv = _per_sequence_inv_freq(self.config, lengths, self.inv_freq(dev), long)  # [B, 1|T, D/2]
+        else:
+            inv = self.inv_freq(position_ids.device)
         freqs = position_ids[..., None].float() * inv  # [B, T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if self.attention_scaling != 1.0:
+            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+        return cos.to(dtype), sin.to(dtype)
 
 
 # --------------------------------------------------------------------------- blocks
@@ -125,6 +266,7 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.sliding_window = config.layer_sliding_window(layer_idx)
+        self.attention_dropout = config.attention_dropout  # on the attention probabilities, training only
         h, hd = config.hidden_size, config.head_dim
         self.q_proj = nn.Linear(h, self.num_heads * hd, bias=config.attention_bias)
         self.k_proj = nn.Linear(h, self.num_kv_heads * hd, bias=config.attention_bias)
@@ -171,18 +313,19 @@ class Attention(nn.Module):
             q = self.q_norm(q)
             k = self.k_norm(k)
         q, k = self._rotate(q, k, cos, sin)
+        dropout_p = self.attention_dropout if self.training else 0.0  # as transformers: every path, training only
         if isinstance(attn_mask, VarlenArgs):
             # Packed rows on the varlen kernel: [B*T, H, D] token-major.
             out = attn_mask.attend(q.reshape(B * T, self.num_heads, self.head_dim),
                                    k.reshape(B * T, self.num_kv_heads, self.head_dim),
                                    v.reshape(B * T, self.num_kv_heads, self.head_dim),
-                                   self.sliding_window)
+                                   self.sliding_window, dropout_p)
             return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         gqa = self.num_kv_heads != self.num_heads
         if attn_mask is None:
             # Fast path: flash attention handles causal GQA natively.
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, dropout_p=dropout_p)
         else:
             if gqa:
                 # The memory-efficient CUDA kernel (the one taking a mask) has no native
@@ -190,7 +333,7 @@ class Attention(nn.Module):
                 rep = self.num_heads // self.num_kv_heads
                 k = k.repeat_interleave(rep, dim=1)
                 v = v.repeat_interleave(rep, dim=1)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         return self.o_proj(out)
 
@@ -334,14 +477,17 @@ class VarlenArgs(NamedTuple):
     kernel: VarlenKernel
     dtype: torch.dtype  # q/k/v go in in this dtype (after RoPE they may be float32 under autocast)
 
-    def attend(self, q, k, v, window: Optional[int]) -> torch.Tensor:
+    def attend(self, q, k, v, window: Optional[int], dropout_p: float = 0.0) -> torch.Tensor:
         """q [N, H, D], k/v [N, Hkv, D] -> [N, H, D]; causal within each sequence, and within
-        the last `window` tokens (self included) where the layer has a sliding window."""
+        the last `window` tokens (self included) where the layer has a sliding window; dropout_p on
+        the attention probabilities (flash-attn only: _varlen_args sends dropout elsewhere to the mask)."""
         ws = (-1, 0) if window is None else (window - 1, 0)  # a tuple: torch reads (-1, 0) as is_causal
         cu, m, kernel = self.cu_seqlens, self.max_seqlen, self.kernel
         q, k, v = (t.to(self.dtype) for t in (q, k, v))
         if kernel.name == "flash_attn":  # GQA native
-            return kernel.fn(q, k, v, cu, cu, m, m, dropout_p=0.0, causal=True, window_size=ws)
+            return kernel.fn(q, k, v, cu, cu, m, m, dropout_p=dropout_p, causal=True, window_size=ws)
+        if dropout_p:
+            raise RuntimeError("torch's varlen_attn takes no dropout_p; attention dropout must use the mask path")
         grouped = k.shape[1] != q.shape[1]
         if grouped and kernel.gqa == "repeat":
             rep = q.shape[1] // k.shape[1]
@@ -412,9 +558,9 @@ def _attention_dtype(h: torch.Tensor) -> torch.dtype:
 
 
 def _varlen_args(cu_seqlens: torch.Tensor, max_seqlen: Optional[int], n_tokens: int,
-                 dtype: torch.dtype) -> Optional[VarlenArgs]:
-    """VarlenArgs when a varlen kernel can run these tensors, else None (-> mask path). The choice,
-    and on CUDA why not, goes to fastsft.kernel_usage."""
+                 dtype: torch.dtype, dropout: bool = False) -> Optional[VarlenArgs]:
+    """VarlenArgs when a varlen kernel can run these tensors (with attention dropout when ``dropout``),
+    else None (-> mask path). The choice, and on CUDA why not, goes to fastsft.kernel_usage."""
     device = cu_seqlens.device
     if PACKED_ATTN_BACKEND == "mask":
         kernel_usage.record("attention", "reference", "masked SDPA forced (PACKED_ATTN_BACKEND = 'mask')")
@@ -429,6 +575,10 @@ def _varlen_args(cu_seqlens: torch.Tensor, max_seqlen: Optional[int], n_tokens: 
     kernel, why = _varlen_kernel_checked(device, dtype)
     if kernel is None:
         kernel_usage.fallback("attention", why, where=f"{device} ({str(dtype).replace('torch.', '')})")
+        return None
+    if dropout and kernel.name != "flash_attn":
+        kernel_usage.fallback("attention", "attention_dropout > 0 in training: torch's varlen_attn has no dropout_p "
+                              "(flash-attn's varlen kernel has; or set attention_dropout to 0)", where=str(device))
         return None
     kernel_usage.record("attention", "native", impl=kernel.describe())
     cu = cu_seqlens.to(torch.int32)
@@ -539,15 +689,17 @@ class Backbone(nn.Module):
             kernel_usage.record("attention", "reference", "an attention_mask given with packed rows: masked SDPA")
             varlen = None
         else:
-            varlen = _varlen_args(cu_seqlens, max_seqlen, B * T, _attention_dtype(h))
+            varlen = _varlen_args(cu_seqlens, max_seqlen, B * T, _attention_dtype(h),
+                                  dropout=self.training and self.config.attention_dropout > 0)
         seq_ids = None
-        if varlen is None or position_ids is None:
+        if varlen is None or position_ids is None or self.rotary_emb.per_sequence:
             seq_ids = _packed_seq_ids(cu_seqlens, B, T)
         if position_ids is None:
             position_ids = _packed_position_ids(cu_seqlens, seq_ids)
         elif position_ids.dim() == 1:
             position_ids = position_ids.unsqueeze(0).expand(B, T)
-        cos, sin = self.rotary_emb(position_ids, h.dtype)
+        # dynamic / longrope pick each packed sequence's frequencies from its own length (see RoPE notes)
+        cos, sin = self.rotary_emb(position_ids, h.dtype, seq_ids=seq_ids)
         masks: dict[Optional[int], torch.Tensor] = {}
         for layer in self.layers:
             if varlen is not None:

@@ -155,10 +155,11 @@ def test_unsupported_model_type_and_rope_type(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(dict(d, model_type="gemma")))
     with pytest.raises(ValueError, match="gemma"):
         load_model(tmp_path)
-    with pytest.raises(ValueError, match=r"'yarn'.*default.*linear.*llama3"):
-        ModelConfig.from_hf_dict(dict(d, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}))
-    with pytest.raises(ValueError, match="dynamic"):
-        ModelConfig(**SMALL, rope_scaling={"type": "dynamic", "factor": 2.0})
+    with pytest.raises(ValueError, match=r"'proportional'.*default.*linear.*llama3"):
+        ModelConfig.from_hf_dict(dict(d, rope_parameters={"rope_type": "proportional", "factor": 4.0,
+                                                          "rope_theta": 1e4}))
+    with pytest.raises(ValueError, match="proportional"):
+        ModelConfig(**SMALL, rope_scaling={"type": "proportional", "factor": 2.0})
 
 
 def test_transformers4_style_config_is_read():
