@@ -301,9 +301,12 @@ class Attention(nn.Module):
         c, s = cos.unsqueeze(2), sin.unsqueeze(2)
         return q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
 
-    def forward(self, x, cos, sin, attn_mask: Union[None, torch.Tensor, "VarlenArgs"]):
+    def forward(self, x, cos, sin, attn_mask: Union[None, torch.Tensor, "VarlenArgs"],
+                kv_cache: Optional["KVCache"] = None):
         """attn_mask: None -> plain causal (SDPA is_causal fast path); a bool [B|1, 1, T, T]
-        tensor -> SDPA with that mask; a `VarlenArgs` -> packed varlen kernel (CUDA only)."""
+        tensor -> SDPA with that mask; a `VarlenArgs` -> packed varlen kernel (CUDA only).
+        kv_cache (generation): this layer's earlier keys/values are prepended; attn_mask is then
+        [B, 1, T, past + T]."""
         B, T, _ = x.shape
         q, k, v = self._project_qkv(x)
         q = q.view(B, T, self.num_heads, self.head_dim)
@@ -313,6 +316,8 @@ class Attention(nn.Module):
             q = self.q_norm(q)
             k = self.k_norm(k)
         q, k = self._rotate(q, k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.append(self.layer_idx, k, v)  # [B, past + T, Hkv, hd]
         dropout_p = self.attention_dropout if self.training else 0.0  # as transformers: every path, training only
         if isinstance(attn_mask, VarlenArgs):
             # Packed rows on the varlen kernel: [B*T, H, D] token-major.
@@ -381,9 +386,47 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, h, cos, sin, attn_mask):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, attn_mask)
+    def forward(self, h, cos, sin, attn_mask, kv_cache=None):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, attn_mask, kv_cache)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class KVCache:
+    """Every layer's keys and values so far, for generation: `CausalLM.forward(new_ids,
+    attention_mask=mask_of_all_tokens, kv_cache=cache)` attends the new tokens to everything before
+    them and appends their keys/values. Greedy decoding then costs one token's forward per step, not
+    the whole sequence's. Keys are stored rotated, as computed when their token was new (for dynamic
+    and longrope scaling past the original context, as in transformers, earlier keys keep the
+    frequencies of the length at which they were computed)."""
+
+    def __init__(self):
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        """Tokens cached (per row, padding included)."""
+        return 0 if not self.keys else next(iter(self.keys.values())).shape[1]
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer in self.keys:
+            k = torch.cat([self.keys[layer], k], dim=1)
+            v = torch.cat([self.values[layer], v], dim=1)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+def _build_cached_mask(past: int, T: int, key_mask: torch.Tensor, window: Optional[int]) -> torch.Tensor:
+    """[B, 1, T, past + T] (True = attend) for T new tokens after ``past`` cached ones: causal, not a pad
+    key, within the window; every query sees itself."""
+    device = key_mask.device
+    q = torch.arange(past, past + T, device=device)
+    k = torch.arange(past + T, device=device)
+    diff = q[:, None] - k[None, :]
+    allowed = diff >= 0
+    if window is not None:
+        allowed = allowed & (diff < window)
+    allowed = allowed[None, None] & key_mask[:, None, None, :].bool()
+    return allowed | (diff == 0)[None, None]
 
 
 def _build_mask(T: int, key_mask: Optional[torch.Tensor], window: Optional[int], device) -> Optional[torch.Tensor]:
@@ -639,7 +682,10 @@ class Backbone(nn.Module):
         self.gradient_checkpointing = False
         self.offload_activations = False  # with checkpointing: saved layer inputs in pinned CPU memory
 
-    def forward(self, input_ids, position_ids=None, attention_mask=None, cu_seqlens=None, max_seqlen=None):
+    def forward(self, input_ids, position_ids=None, attention_mask=None, cu_seqlens=None, max_seqlen=None,
+                kv_cache: Optional[KVCache] = None):
+        if kv_cache is not None:
+            return self._forward_cached(input_ids, position_ids, attention_mask, kv_cache)
         if input_ids.dim() == 1:  # a single packed row given as [T] -> hidden [T, D]
             if position_ids is not None and position_ids.dim() == 1:
                 position_ids = position_ids.unsqueeze(0)
@@ -671,6 +717,28 @@ class Backbone(nn.Module):
             if w not in masks:
                 masks[w] = _build_mask(T, attention_mask, w, device)
             h = self._run_layer(layer, h, cos, sin, masks[w])
+        return self.norm(h)
+
+    def _forward_cached(self, input_ids, position_ids, attention_mask, kv_cache: KVCache):
+        """Generation: ``input_ids`` [B, T] are new tokens after ``len(kv_cache)`` cached ones;
+        ``attention_mask`` [B, past + T] covers all of them (1 = token, 0 = left padding)."""
+        B, T = input_ids.shape
+        past = len(kv_cache)
+        if attention_mask is None:
+            attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
+        if attention_mask.shape != (B, past + T):
+            raise ValueError(f"with a kv_cache of {past} tokens, attention_mask must be [B, past + T] = "
+                             f"{(B, past + T)}, got {tuple(attention_mask.shape)}")
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, past:]
+        h = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(position_ids, h.dtype)
+        masks: dict[Optional[int], torch.Tensor] = {}
+        for layer in self.layers:
+            w = layer.self_attn.sliding_window
+            if w not in masks:
+                masks[w] = _build_cached_mask(past, T, attention_mask, w)
+            h = layer(h, cos, sin, masks[w], kv_cache)
         return self.norm(h)
 
     def _run_layer(self, layer, h, cos, sin, mask):
@@ -754,6 +822,7 @@ class CausalLM(nn.Module):
         attention_mask: Optional[torch.Tensor] = None,
         cu_seqlens: Optional[torch.Tensor] = None,
         max_seqlen: Optional[int] = None,
+        kv_cache: Optional[KVCache] = None,
     ) -> torch.Tensor:
         """input_ids [B,T]; position_ids [B,T] (default arange, or cumsum(mask)-1 with a mask);
         attention_mask [B,T] 1=token 0=pad (e.g. left padding). Returns hidden [B,T,D].
@@ -762,7 +831,12 @@ class CausalLM(nn.Module):
         one row; tokens past cu_seqlens[-1] are padding), max_seqlen its longest sequence
         (optional), position_ids restarting at 0 per sequence (derived from cu_seqlens if
         omitted). Tokens attend causally within their own sequence only. A 1-D input_ids [T]
-        is one row and returns hidden [T, D]."""
+        is one row and returns hidden [T, D].
+
+        kv_cache (generation, `KVCache`): input_ids are the tokens after the cached ones and
+        attention_mask covers all of them."""
+        if kv_cache is not None:
+            return self.model(input_ids, position_ids=position_ids, attention_mask=attention_mask, kv_cache=kv_cache)
         return self.model(input_ids, position_ids=position_ids, attention_mask=attention_mask,
                           cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 

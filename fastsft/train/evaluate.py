@@ -68,8 +68,14 @@ def _answer_text(tokenizer, ids, stops: set[int]) -> str:
 
 @torch.no_grad()
 def greedy_generate(model, prompts: list[np.ndarray], *, pad_id: int, stop_ids: set[int],
-                    max_new_tokens: int, device, autocast=contextlib.nullcontext) -> list[list[int]]:
-    """Greedy continuations of left-padded prompts (no KV cache: eval prompts and answers are short)."""
+                    max_new_tokens: int, device, autocast=contextlib.nullcontext,
+                    use_cache: bool = True) -> list[list[int]]:
+    """Greedy continuations of left-padded prompts. With ``use_cache`` (the default) the prompts run
+    once and each new token is one token's forward against the model's `KVCache` (linear in the answer
+    length); without it every step runs the whole sequence again (the reference the cache is tested
+    against)."""
+    from fastsft.model.llama import KVCache
+
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -80,16 +86,22 @@ def greedy_generate(model, prompts: list[np.ndarray], *, pad_id: int, stop_ids: 
     out = [[] for _ in prompts]
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     stops = torch.tensor(sorted(stop_ids), device=device)
+    cache = KVCache() if use_cache else None
+    new = ids
     for _ in range(max_new_tokens):
         with autocast():
-            hidden = model(ids, attention_mask=mask)
+            if cache is not None:
+                hidden = model(new, attention_mask=mask, kv_cache=cache)
+            else:
+                hidden = model(ids, attention_mask=mask)
             next_ids = model.logits(hidden[:, -1]).argmax(-1)
         for row in (~done).nonzero().flatten().tolist():
             out[row].append(int(next_ids[row]))
         done |= torch.isin(next_ids, stops)
         if bool(done.all()):
             break
-        ids = torch.cat([ids, next_ids[:, None]], dim=1)
+        new = next_ids[:, None]
+        ids = torch.cat([ids, new], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     return out
 
