@@ -26,7 +26,7 @@ ALIASES = {
     "--data": ("data.datasets", "Training data file (repeat for several); same as --data.datasets."),
     "--format": ("data.format", "Record format; same as --data.format."),
     "--fields": ("data.fields", "Field mapping, e.g. prompt=question,completion=answer; same as --data.fields."),
-    "--model": ("model.path", "Model directory or hub id; same as --model.path."),
+    "--model": ("model.path", "Model directory, .gguf file or hub id; same as --model.path."),
     "--tokenizer": ("model.tokenizer", "Tokenizer directory, hub id or 'byte'; same as --model.tokenizer."),
     "--output": ("output.dir", "Output directory; same as --output.dir."),
 }

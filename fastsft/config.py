@@ -37,7 +37,7 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 @dataclass
 class ModelConfig:
-    path: str | None = _opt(None, "Hugging Face model directory or hub id. Unset: a random model from `model.config`.")
+    path: str | None = _opt(None, "Hugging Face model directory, a .gguf file (dequantised; needs fastsft[gguf]) or hub id. Unset: a random model from `model.config`.")
     config: str = _opt("tiny", "With no `model.path`: a preset name (tiny) or a config.json path; weights are random.")
     tokenizer: str | None = _opt(None, "Tokenizer directory or hub id, or 'byte' (built in). Default: the model's, or 'byte'.")
     dtype: str = _opt("auto", "Weight dtype; auto = bfloat16 on CUDA, float32 on CPU.",

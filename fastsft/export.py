@@ -168,9 +168,11 @@ def write_byte_tokenizer(out_dir: str) -> None:
 
 
 def _validate_paths(model_path: str, adapter_dir: str, out_dir: str) -> None:
-    if not os.path.isdir(model_path):
+    if os.path.isfile(model_path) and model_path.lower().endswith(".gguf"):
+        pass  # a GGUF base (fastsft/model/loading.py dequantises it)
+    elif not os.path.isdir(model_path):
         raise ExportError(f"model directory not found: {model_path}")
-    if not os.path.isfile(os.path.join(model_path, "config.json")):
+    elif not os.path.isfile(os.path.join(model_path, "config.json")):
         if os.path.isfile(os.path.join(model_path, "base_model", "config.json")):  # a run directory
             raise ExportError(f"no config.json in model directory {model_path}; it is a fastsft run directory: its "
                               f"base model is {os.path.join(model_path, 'base_model')} and its adapter "

@@ -157,6 +157,17 @@ def _check_data_files(cfg: Config) -> list[str]:
     out = []
     for key, path in _data_paths(cfg):
         p = Path(path).expanduser()
+        if key != "data.general_text" and (p.is_dir() or not p.exists()):
+            # a `datasets` save_to_disk directory, a directory of data files, or a Hub dataset id in the local
+            # cache: found without reading a record
+            from fastsft.data.formats import source_problem
+
+            problem = source_problem(path)
+            if problem and not (problem == "no such file" and not p.exists()):
+                out.append(f"{key}: {path}: {problem}")
+                continue
+            if problem is None:
+                continue
         if not p.exists():
             out.append(f"{key}: {path}: no such file; check the path (relative paths start at the "
                        f"current directory, {Path.cwd()})")
@@ -215,7 +226,8 @@ def _hub_problem(repo_id: str, key: str) -> str | None:
 
 def _model_dir_problem(d: Path, key: str) -> str | None:
     if not d.is_dir():
-        return f"{key} {d} is not a directory; give a Hugging Face model directory (config.json + safetensors)"
+        return (f"{key} {d} is not a directory; give a Hugging Face model directory (config.json + safetensors) "
+                f"or a .gguf file")
     if not (d / "config.json").is_file():
         return f"{key} {d} has no config.json; give the directory that holds the model's config.json"
     if (d / "model.safetensors").is_file() or (d / "model.safetensors.index.json").is_file():
@@ -251,7 +263,14 @@ def _check_model(cfg: Config, *, resume: bool):
         if p.exists() or _looks_local(spec):
             if not p.exists():
                 problems.append(f"model.path {spec}: no such directory; give a local Hugging Face model "
-                                f"directory (config.json + safetensors) or a hub id like org/name")
+                                f"directory (config.json + safetensors), a .gguf file or a hub id like org/name")
+            elif p.is_file() and p.name.lower().endswith(".gguf"):
+                from fastsft.model.loading import load_gguf_config
+
+                try:  # architecture, tensor types, RoPE, the gguf package: before the tokenizer or data load
+                    mcfg = load_gguf_config(p)
+                except ValueError as e:
+                    problems.append(f"model.path {spec}: {' '.join(str(e).split())}")
             else:
                 problem = _model_dir_problem(p, "model.path")
                 if problem:

@@ -192,3 +192,21 @@ def test_readme_quick_start_matches_ci():
     assert "pip install torch==2.13.0\n" in ci
     test_command = blocks[1].split("pip install torch==2.13.0 && ", 1)[1]
     assert test_command in ci
+
+
+def test_parquet_and_save_to_disk_inputs_train(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [{"question": f"what is {i} + 1?", "answer": str(i + 1)} for i in range(40)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
+    proc = fastsft("train", *FAST, "--data", tmp_path / "train.parquet", "--fields",
+                   "prompt=question,completion=answer", "--output", tmp_path / "run-parquet")
+    assert proc.returncode == 0, proc.stderr
+    assert "train.parquet: prompt_completion format, 40 records read" in proc.stdout
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    proc = fastsft("train", *FAST, "--data", tmp_path / "ds", "--fields", "prompt=question,completion=answer",
+                   "--output", tmp_path / "run-ds")
+    assert proc.returncode == 0, proc.stderr
+    assert "40 records read" in proc.stdout

@@ -56,12 +56,14 @@ def test_kernels_on_without_a_gpu(tmp_path, monkeypatch):
 def test_every_data_problem_is_reported_at_once(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    cfg = cfg_for(tmp_path, **{"data.datasets": [str(tmp_path / "nope.jsonl"), str(tmp_path)],
+    no_data = tmp_path / "no_data"
+    no_data.mkdir()
+    cfg = cfg_for(tmp_path, **{"data.datasets": [str(tmp_path / "nope.jsonl"), str(no_data)],
                                "data.eval_datasets": [str(empty)]})
     found = problems(cfg)
     assert len(found) == 3, found
     assert found[0].startswith(f"data.datasets: {tmp_path / 'nope.jsonl'}: no such file")
-    assert "is a directory" in found[1]
+    assert "is a directory with no data files" in found[1]
     assert found[2].startswith(f"data.eval_datasets: {empty}: file is empty")
     # on --resume the cached token stores are used and the files are not needed
     (tmp_path / "run" / "data").mkdir(parents=True)

@@ -303,6 +303,8 @@ def load_tokenizer(spec: Any, *, trust_remote_code: bool = False) -> Tokenizer:
     local = path.exists()
     if not local and (s.startswith(("/", ".", "~")) or "\\" in s):
         raise ValueError(f"cannot load tokenizer {s!r}: no such file or directory")
+    if local and path.is_file() and path.name.lower().endswith(".gguf"):
+        return _load_gguf_tokenizer(path, s)
     try:
         kwargs = {"local_files_only": True} if local else {}
         return HFTokenizer.from_pretrained(path if local else s, trust_remote_code=trust_remote_code, **kwargs)
@@ -311,3 +313,21 @@ def load_tokenizer(spec: Any, *, trust_remote_code: bool = False) -> Tokenizer:
         if len(msg) > 300:
             msg = msg[:300] + "..."
         raise ValueError(f"cannot load tokenizer {s!r}: {type(e).__name__}: {msg}") from None
+
+
+def _load_gguf_tokenizer(path: Path, spec: str) -> HFTokenizer:
+    """The tokenizer and chat template stored in a GGUF file (transformers converts them to a fast
+    tokenizer; it runs no code from the file)."""
+    try:
+        import gguf  # noqa: F401 - transformers needs it to read the file
+    except ImportError:
+        raise ValueError(f"cannot load tokenizer {spec!r}: reading a GGUF file needs the gguf package: "
+                         "pip install 'fastsft[gguf]'") from None
+    try:
+        tok = HFTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    except Exception as e:  # transformers raises ValueError, KeyError, NotImplementedError, ...
+        msg = " ".join(str(e).split())
+        raise ValueError(f"cannot load the tokenizer of GGUF file {spec!r}: {type(e).__name__}: {msg[:300]}") \
+            from None
+    tok.name = spec
+    return tok

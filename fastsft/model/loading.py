@@ -1,8 +1,9 @@
-"""Load Hugging Face Llama-family checkpoints (safetensors only) into fastsft's
-CausalLM, and save CausalLM back in a layout transformers loads."""
+"""Load Hugging Face Llama-family checkpoints (safetensors only, or a llama.cpp GGUF file) into
+fastsft's CausalLM, and save CausalLM back in a layout transformers loads."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -17,7 +18,7 @@ from .config import ModelConfig
 from .nf4 import QUANT_STATE_KEY, target_linear_names
 from .llama import CausalLM
 
-__all__ = ["load_model", "load_config", "resolve_model_dir", "save_pretrained"]
+__all__ = ["load_model", "load_config", "load_gguf_config", "is_gguf_path", "resolve_model_dir", "save_pretrained"]
 
 # Checkpoint keys that carry no learnable state for us and are silently skipped.
 _IGNORED_KEY_PATTERNS = (re.compile(r"(^|\.)rotary_emb\.(inv_freq|original_inv_freq)$"),)
@@ -43,6 +44,8 @@ def resolve_model_dir(path_or_id: Union[str, os.PathLike]) -> Path:
 
 
 def load_config(path_or_id: Union[str, os.PathLike]) -> ModelConfig:
+    if is_gguf_path(path_or_id):
+        return load_gguf_config(path_or_id)
     d = resolve_model_dir(path_or_id)
     cfg = d / "config.json"
     if not cfg.is_file():
@@ -128,7 +131,13 @@ def load_model(
     - ``load_in_4bit=True`` on a dense checkpoint quantizes the linears named in ``target_modules``
       (short names; not the LM head) while loading, one weight at a time: each is read from disk,
       quantized (on `device` when bitsandbytes can, else on the CPU) and only its packed form is
-      kept, so the full-precision model never exists on the device."""
+      kept, so the full-precision model never exists on the device.
+
+    A ``.gguf`` file (llama.cpp, Ollama, Unsloth exports) is dequantised tensor by tensor to `dtype`
+    (see ``_load_gguf_model``); its tokenizer and chat template load with ``load_tokenizer(path)``."""
+    if is_gguf_path(path_or_id):
+        return _load_gguf_model(Path(path_or_id).expanduser(), dtype, device, load_in_4bit=load_in_4bit,
+                                target_modules=target_modules)
     d = resolve_model_dir(path_or_id)
     if not (d / "config.json").is_file():
         raise ValueError(f"no config.json in {d}")
@@ -243,6 +252,285 @@ def _load_nf4_layer(meta_linear: torch.nn.Linear, name: str, files: dict, dtype,
         raise ValueError(f"shape mismatch for {name!r}: the 4-bit weight is {(layer.out_features, layer.in_features)}, "
                          f"the model expects {want}")
     return layer.to(device)
+
+
+# ------------------------------------------------------------------------------------------------
+# GGUF files: the architecture and config through transformers' GGUF reader, the tensors dequantised
+# by the gguf package one at a time (never the whole file in float32 at once)
+
+# general.architecture values fastsft loads; llama.cpp writes Mistral models as "llama".
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+_GGUF_INSTALL = "pip install 'fastsft[gguf]' (the gguf package)"
+# {arch}.<key> metadata that changes the math and that fastsft does not implement: refused, never ignored.
+_GGUF_REFUSED_KEYS = {
+    "attention.sliding_window": "sliding-window attention",
+    "attention.scale": "a custom attention scale",
+    "attn_logit_softcapping": "attention logit soft-capping",
+    "final_logit_softcapping": "final logit soft-capping",
+    "logit_scale": "a logit scale",
+    "embedding_scale": "an embedding scale",
+    "residual_scale": "a residual scale",
+}
+# Llama 3.x RoPE scaling as llama.cpp's converter writes it into rope_freqs.weight (the factor is read
+# off the tensor; these three are the same in every Llama 3.1/3.2/3.3 release).
+_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def is_gguf_path(path_or_id) -> bool:
+    """A path ending in .gguf (any case) that is not a directory."""
+    if not isinstance(path_or_id, (str, os.PathLike)):
+        return False
+    p = Path(path_or_id).expanduser()
+    return p.name.lower().endswith(".gguf") and not p.is_dir()
+
+
+def _gguf_reader(path: Path):
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise ValueError(f"{path}: loading a GGUF file needs the gguf package: {_GGUF_INSTALL}") from None
+    try:
+        return GGUFReader(str(path))
+    except Exception as e:  # noqa: BLE001 - bad magic, truncated file, ...: one line
+        raise ValueError(f"{path} is not a readable GGUF file: {' '.join(str(e).split()) or type(e).__name__}") \
+            from None
+
+
+def _gguf_value(reader, key: str):
+    """A scalar or string metadata value, None when absent (arrays are not needed here)."""
+    from gguf import GGUFValueType
+
+    f = reader.fields.get(key)
+    if f is None or not f.data or f.types[0] == GGUFValueType.ARRAY:
+        return None
+    part = f.parts[f.data[0]]
+    if f.types[0] == GGUFValueType.STRING:
+        return bytes(part).decode("utf-8")
+    return part.tolist()[0]
+
+
+def _gguf_dequantizable(reader, path: Path) -> None:
+    """Refuse, before anything is dequantised, tensor types the gguf package cannot unpack."""
+    import gguf.quants
+    from gguf import GGMLQuantizationType as Q
+
+    traits = getattr(gguf.quants, "_type_traits", None)
+    if traits is None:  # an older gguf: dequantize() itself says so below
+        return
+    ok = {Q.F32, Q.F16} | set(traits)
+    bad = {}
+    for t in reader.tensors:
+        if t.tensor_type not in ok:
+            bad.setdefault(t.tensor_type.name, t.name)
+    if bad:
+        found = ", ".join(f"{q} (e.g. {name})" for q, name in sorted(bad.items()))
+        raise ValueError(f"{path}: GGUF tensor type {found} cannot be dequantised by the installed gguf package; "
+                         f"supported: {', '.join(sorted(q.name for q in ok))}")
+
+
+def _gguf_rope_scaling(reader, arch: str, head_dim: int, rope_theta: float, path: Path) -> Optional[dict]:
+    """The RoPE scaling a GGUF file carries, as a config rope_scaling dict (None: plain RoPE).
+
+    llama.cpp stores Llama 3.x scaling not as metadata but as per-frequency divisors in the
+    ``rope_freqs.weight`` tensor (transformers' reader ignores it): they are matched against the
+    llama3 rule and kept as that rope type, or refused."""
+    import numpy as np
+
+    kind = _gguf_value(reader, f"{arch}.rope.scaling.type")
+    scaling = None
+    if kind not in (None, "none"):
+        if kind != "linear":
+            raise ValueError(f"{path}: unsupported rope scaling type {kind!r} in the GGUF metadata; fastsft loads "
+                             "GGUF files with default, linear or llama3 (rope_freqs) RoPE")
+        factor = _gguf_value(reader, f"{arch}.rope.scaling.factor")
+        if not isinstance(factor, (int, float)):
+            raise ValueError(f"{path}: linear rope scaling without {arch}.rope.scaling.factor in the GGUF metadata")
+        scaling = {"rope_type": "linear", "factor": float(factor)}
+    freqs = [t for t in reader.tensors if t.name == "rope_freqs.weight"]
+    if not freqs:
+        return scaling
+    from gguf import dequantize
+
+    got = np.asarray(dequantize(freqs[0].data, freqs[0].tensor_type), dtype=np.float64).reshape(-1)
+    if np.all(got == 1.0):
+        return scaling
+    if scaling is not None or got.size != head_dim // 2:
+        raise ValueError(f"{path}: rope_freqs.weight ({got.size} values) does not fit a head_dim of {head_dim}"
+                         if scaling is None else f"{path}: both rope scaling metadata and rope_freqs.weight")
+    factor = float(got.max())
+    low, high, old = (_LLAMA3_ROPE[k] for k in ("low_freq_factor", "high_freq_factor",
+                                                 "original_max_position_embeddings"))
+    wavelen = 2 * np.pi * rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    smooth = (old / wavelen - low) / (high - low)
+    want = np.where(wavelen < old / high, 1.0,
+                    np.where(wavelen > old / low, factor, 1.0 / ((1 - smooth) / factor + smooth)))
+    if not np.allclose(got, want, rtol=1e-5, atol=0):
+        raise ValueError(f"{path}: rope_freqs.weight is not Llama 3 RoPE scaling (low_freq_factor {low}, "
+                         f"high_freq_factor {high}, original context {old}); fastsft cannot express it")
+    return {"rope_type": "llama3", "factor": factor, **_LLAMA3_ROPE}
+
+
+@functools.lru_cache(maxsize=1)
+def _read_gguf(path: str, mtime_ns: int, size: int):
+    """(GGUFReader, ModelConfig) of one file, parsed once per process (preflight, then load_model); the
+    reader memory-maps the file, so holding it costs address space, not memory."""
+    p = Path(path)
+    reader = _gguf_reader(p)
+    arch = _gguf_value(reader, "general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ValueError(f"{p}: GGUF architecture {arch!r} is not supported; fastsft loads GGUF files of: "
+                         f"{', '.join(GGUF_ARCHITECTURES)} (Mistral GGUFs are llama)")
+    for key, what in _GGUF_REFUSED_KEYS.items():
+        if f"{arch}.{key}" in reader.fields:
+            raise ValueError(f"{p}: the GGUF metadata sets {arch}.{key} ({what}), which fastsft does not read from "
+                             "GGUF files; use the model's Hugging Face checkpoint")
+    if (_gguf_value(reader, f"{arch}.expert_count") or 0) > 0:
+        raise ValueError(f"{p}: mixture-of-experts GGUF files are not supported by fastsft")
+    _gguf_dequantizable(reader, p)
+    try:
+        from transformers import AutoConfig
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+        parsed = dict(load_gguf_checkpoint(str(p), return_tensors=False)["config"])
+        model_type = parsed.pop("model_type")
+        # through the transformers config class: its defaults are what transformers' GGUF model uses
+        hf = AutoConfig.for_model(model_type, **parsed).to_dict()
+    except ImportError as e:
+        raise ValueError(f"{p}: loading a GGUF file needs the gguf package: {_GGUF_INSTALL} ({e})") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{p}: transformers cannot read this GGUF file: {' '.join(str(e).split())}") from None
+    # llama.cpp's own rule: head width from attention.key_length, else hidden / heads (transformers keeps its
+    # config class's default, which for Qwen3 is 128 whatever the file says)
+    key_len, value_len = (_gguf_value(reader, f"{arch}.attention.{k}") for k in ("key_length", "value_length"))
+    if key_len is not None and value_len is not None and key_len != value_len:
+        raise ValueError(f"{p}: attention key_length {key_len} != value_length {value_len} is not supported")
+    hf["head_dim"] = int(key_len or hf["hidden_size"] // hf["num_attention_heads"])
+    rot = _gguf_value(reader, f"{arch}.rope.dimension_count")
+    if rot is not None and rot != hf["head_dim"]:
+        raise ValueError(f"{p}: partial RoPE ({rot} of {hf['head_dim']} dimensions) is not supported by fastsft")
+    rope_theta = (hf.get("rope_parameters") or {}).get("rope_theta") or hf.get("rope_theta") or 10000.0
+    scaling = _gguf_rope_scaling(reader, arch, hf["head_dim"], float(rope_theta), p)
+    if scaling is not None:  # in both layouts (transformers 4's rope_scaling, 5's rope_parameters), base included
+        hf["rope_theta"] = rope_theta
+        hf["rope_scaling"] = hf["rope_parameters"] = {"rope_theta": rope_theta, **scaling}
+    try:
+        config = ModelConfig.from_hf_dict(hf)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{p}: {' '.join(str(e).split())}") from None
+    return reader, config
+
+
+def _gguf(path_or_id) -> tuple:
+    p = Path(path_or_id).expanduser()
+    if not p.is_file():
+        raise ValueError(f"GGUF file {p} does not exist")
+    st = p.stat()
+    reader, config = _read_gguf(str(p.resolve()), st.st_mtime_ns, st.st_size)
+    return reader, config.replace()  # a copy: callers may change theirs
+
+
+def load_gguf_config(path: Union[str, os.PathLike]) -> ModelConfig:
+    """The ModelConfig of a GGUF file; a one-line ValueError for what fastsft cannot load (architecture,
+    tensor types, RoPE variants, the gguf package missing)."""
+    return _gguf(path)[1]
+
+
+def _gguf_tensor_names(model: CausalLM, arch: str) -> dict[str, str]:
+    """GGUF tensor name -> fastsft state-dict key (fastsft's keys are transformers' keys)."""
+    import gguf
+
+    arch_id = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
+    names = gguf.get_tensor_name_map(arch_id, model.config.num_hidden_layers)
+    out = {}
+    for key in model.state_dict():
+        module, _, suffix = key.rpartition(".")
+        g = names.get_name(module)
+        if g is not None:
+            out[f"{g}.{suffix}"] = key
+    return out
+
+
+def _unpermute_qk(w, n_head: int):
+    """Undo llama.cpp's convert_hf_to_gguf.py permute of q/k rows (its rotary pairs are interleaved; HF's
+    are split in halves). Only the "llama" architecture is permuted; qwen2/qwen3 are written as they are."""
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+
+
+def _load_gguf_model(path: Path, dtype: torch.dtype, device, *, load_in_4bit: bool, target_modules) -> CausalLM:
+    """A GGUF file as a CausalLM in `dtype` on `device`: each tensor is dequantised to float32 (the gguf
+    package's numpy dequantisers, which transformers' GGUF loading uses too), converted and moved on its
+    own. ``load_in_4bit`` quantizes the target linears to NF4 as they arrive."""
+    import numpy as np
+
+    from .nf4 import NF4Linear, quantize_weight
+
+    reader, config = _gguf(path)  # first: a missing gguf package is its one-line error
+    from gguf import dequantize
+
+    arch = _gguf_value(reader, "general.architecture")
+    with torch.device("meta"):
+        model = CausalLM(config)
+    quantized = target_linear_names(model, target_modules or ()) if load_in_4bit else []
+    qweights = {f"{n}.weight": n for n in quantized}
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}  # meta: names and shapes
+    expected = {k: v for k, v in model.state_dict().items() if k not in qweights}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    to_key = _gguf_tensor_names(model, arch)
+    unexpected = [t.name for t in reader.tensors if to_key.get(t.name) not in expected and
+                  to_key.get(t.name) not in qweights and t.name != "rope_freqs.weight"]  # read with the config
+    if unexpected:
+        some = ", ".join(repr(k) for k in sorted(unexpected)[:5])
+        more = f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
+        raise ValueError(f"{path}: GGUF tensors the {config.model_type} architecture does not use: {some}{more}")
+    present = {to_key[t.name] for t in reader.tensors if t.name in to_key}
+    missing = [k for k in list(expected) + list(qweights) if k not in present]
+    if missing:
+        raise ValueError(f"{path}: missing required tensor for {missing[0]!r} in the GGUF file")
+
+    state: dict[str, torch.Tensor] = {}
+    packed: dict[str, tuple] = {}
+    for t in reader.tensors:
+        key = to_key.get(t.name)
+        if key is None:
+            continue
+        try:
+            w = dequantize(t.data, t.tensor_type)
+        except NotImplementedError as e:
+            raise ValueError(f"{path}: tensor {t.name}: {e}; update the gguf package or use another "
+                             "quantisation of the model") from None
+        if arch == "llama" and key.endswith(("q_proj.weight", "q_proj.bias")):
+            w = _unpermute_qk(w, config.num_attention_heads)
+        elif arch == "llama" and key.endswith(("k_proj.weight", "k_proj.bias")):
+            w = _unpermute_qk(w, config.num_key_value_heads)
+        want = shapes[key]
+        if tuple(w.shape) != want:
+            raise ValueError(f"shape mismatch for {key!r} ({t.name}) in {path}: GGUF {tuple(w.shape)}, "
+                             f"model expects {want}")
+        w = torch.from_numpy(np.array(w, dtype=np.float32)).to(dtype)  # a copy: the reader's arrays are read-only
+        if key in qweights:
+            packed[qweights[key]] = quantize_weight(w, device)
+        else:
+            state[key] = w.to(device)
+        del w
+
+    modules = dict(model.named_modules())
+    for name in quantized:
+        bias = state.pop(f"{name}.bias", None)
+        layer = NF4Linear.from_quantized_state(*packed.pop(name), bias=bias, compute_dtype=dtype)
+        if (layer.out_features, layer.in_features) != tuple(modules[name].weight.shape):
+            raise ValueError(f"shape mismatch for {name!r}: the 4-bit weight does not fit the model")
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer.to(device))
+    model.load_state_dict(state, strict=False, assign=True)
+    del state
+    model.tie_weights()
+    for name, p in model.named_parameters():
+        if p.is_meta:  # cannot happen after the key checks above; defensive
+            raise ValueError(f"parameter {name!r} was not loaded from {path}")
+        p.requires_grad_(True)
+    return model
 
 
 def _parse_size(size: Union[int, str]) -> int:
