@@ -42,7 +42,7 @@ def alpaca_records(n: int) -> list[dict]:
     base = [{"instruction": r["question"], "input": "", "output": r["answer"]}
             for r in map(json.loads, GSM8K.read_text().splitlines())]
     base += [{"instruction": r["instruction"], "input": r.get("input", ""), "output": r["output"]}
-             for r in json.loads(CODEALPACA.read_text())]
+             for r in json.loads(CODEALPACA.read_text()) if r["output"].strip()]  # a few have no response
     # distinct records (a suffix per copy): no tokenizer-side caching of repeated strings
     return [{**r, "instruction": f"{r['instruction']} ({i // len(base)})" if i >= len(base) else r["instruction"]}
             for i, r in ((i, base[i % len(base)]) for i in range(n))]
@@ -66,13 +66,14 @@ def fastsft_to_first_step(data: Path, model_json: Path, run_dir: Path, cache: Pa
     env = {**os.environ, "FASTSFT_CACHE_DIR": str(cache), "PYTHONWARNINGS": "ignore"}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    first_step, from_cache = None, False
+    first_step, from_cache, tail = None, False, []
     for line in proc.stdout:
+        tail = (tail + [line])[-20:]
         from_cache |= "token stores from the cache" in line
         if first_step is None and line.startswith("kernels:"):
             first_step = time.perf_counter() - t0
     if proc.wait() != 0 or first_step is None:
-        raise RuntimeError(f"fastsft train failed: {' '.join(cmd)}")
+        raise RuntimeError(f"fastsft train failed: {' '.join(cmd)}\n{''.join(tail)}")
     return {"seconds_to_first_step": first_step, "token_stores_from_cache": from_cache}
 
 
@@ -117,8 +118,8 @@ def main(argv=None) -> int:
         return 2
     n = 2000 if args.smoke else args.records
     records = alpaca_records(n)
-    result = _results.header("first-step", _device())
-    result.update(records=n, max_seq_len=MAX_SEQ_LEN, cores=os.cpu_count(),
+    result = _results.header("first-step", f"cpu-{os.cpu_count()}core")
+    result.update(cpu=_cpu_model(), records=n, max_seq_len=MAX_SEQ_LEN, cores=os.cpu_count(),
                   versions=_results.dist_versions("torch", "transformers", "tokenizers", "trl", "datasets"), rows=[])
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
@@ -140,10 +141,9 @@ def main(argv=None) -> int:
     return 0
 
 
-def _device() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "cpu")
-    return f"cpu-{os.cpu_count()}core {model}"
+def _cpu_model() -> str:
+    return next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")), "unknown")
 
 
 if __name__ == "__main__":
