@@ -18,18 +18,13 @@ import tempfile
 from pathlib import Path
 
 from fastsft import __version__
+from fastsft.train.files import hash_file, sha256_file
 
 STORE_FILES = ("train.npz", "eval.npz", "report.json")
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("FASTSFT_CACHE_DIR") or Path.home() / ".cache" / "fastsft" / "token-stores")
-
-
-def _file_digest(path: Path, h) -> None:
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
 
 
 def _input_digest(path: str) -> str:
@@ -39,9 +34,9 @@ def _input_digest(path: str) -> str:
     if p.is_dir():
         for f in sorted(q for q in p.rglob("*") if q.is_file()):
             h.update(f.relative_to(p).as_posix().encode() + b"\0")
-            _file_digest(f, h)
+            hash_file(h, f)
     elif p.is_file():
-        _file_digest(p, h)
+        hash_file(h, p)
     else:  # a Hub dataset id: the files of its local cache snapshot; a missing path is never a cache hit
         from fastsft.data.formats import resolve_source
 
@@ -51,7 +46,7 @@ def _input_digest(path: str) -> str:
             return f"unhashable:{path}"
         for f, name in files:
             h.update(name.encode() + b"\0")
-            _file_digest(f, h)
+            hash_file(h, f)
     return h.hexdigest()
 
 
@@ -62,7 +57,7 @@ def _tokenizer_digest(tokenizer) -> str:
         for f in sorted(Path(d).rglob("*")):
             if f.is_file():
                 h.update(f.name.encode() + b"\0")
-                _file_digest(f, h)
+                hash_file(h, f)
     template = getattr(getattr(tokenizer, "hf", None), "chat_template", None)
     h.update(json.dumps(template, sort_keys=True, default=str).encode())
     return h.hexdigest()
@@ -92,9 +87,7 @@ def _digests(directory: Path) -> dict[str, str]:
     out = {}
     for name in STORE_FILES:
         if (directory / name).is_file():
-            h = hashlib.sha256()
-            _file_digest(directory / name, h)
-            out[name] = h.hexdigest()
+            out[name] = sha256_file(directory / name)
     return out
 
 

@@ -11,8 +11,8 @@ gone), and the previous checkpoint stays usable. Rewriting an existing ``step-N`
 redoing the steps after its checkpoint) moves the old one aside first; if the swap is cut short the
 one aside is still found by `list_checkpoints` and put back by the next write. Tensors go to safetensors and everything else to JSON, so resuming never unpickles anything.
 
-Verified: ``manifest.json`` is written last (after every other file is flushed), listing each file's
-size and sha256, the step and the fastsft version. `verify_checkpoint` checks the manifest, every
+Verified: ``manifest.json`` is written last, listing each file's size and sha256, the step and the
+fastsft version; then every file is flushed and the directory renamed (`files.atomic_directory`). `verify_checkpoint` checks the manifest, every
 checksum, every JSON file's schema and every safetensors header, so a truncated, garbled or bit-flipped
 file is named and the checkpoint skipped (`newest_verified`), never half-loaded. A failed write (disk
 full, I/O error) removes its temporary directory and raises `WriteFailed` naming it and the free space;
@@ -22,7 +22,6 @@ the previous checkpoint is untouched.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -35,8 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fastsft import __version__
-from fastsft.train.files import (WriteFailed, free_space, fsync_tree, process_alive, reason, sha256_file,
-                                 write_errors)
+from fastsft.train.files import atomic_directory, remove_stale, sha256_file, writing
 from fastsft.train.signals import maybe_kill_for_test
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -48,19 +46,8 @@ REQUIRED = ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", 
             "rng.safetensors", STATE_FILE)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+    path.write_text(json.dumps(obj, indent=1))  # flushed with the whole directory before it is published
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -70,21 +57,7 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 def remove_stale_temporaries(run_dir: Path) -> None:
     """Delete ``.tmp-*`` checkpoint directories left by killed writers (whose process is gone), and
     finish a replacement cut short between its two renames (``.old-step-N-*`` without ``step-N``)."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return
-    for d in sorted(root.iterdir()):
-        m = TEMP_DIR.match(d.name)
-        if not m or process_alive(int(m.group(3))):
-            continue
-        final = root / f"step-{m.group(2)}"
-        try:
-            if m.group(1) == "old" and not final.exists() and _complete(d):
-                os.rename(d, final)
-            else:
-                shutil.rmtree(d)
-        except OSError:  # another process tidying up at the same time
-            pass
+    remove_stale(Path(run_dir) / "checkpoints", complete=_complete)
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -170,30 +143,15 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, optimiz
     """
     root = run_dir / "checkpoints"
     final = root / f"step-{step}"
-    tmp = root / f".tmp-step-{step}-{os.getpid()}"
-    try:
+    with writing(root, f"checkpoint {final}"):
         root.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(run_dir)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+    remove_stale_temporaries(run_dir)
+    previous = latest_checkpoint(run_dir)
+    intact = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
+    # .tmp-step-N-PID, flushed, renamed over step-N (a re-run of the same step swaps the old one out)
+    with atomic_directory(final, f"checkpoint {final}", after=intact) as tmp:
         _write_files(tmp, step, model=model, optimizer=optimizer, scheduler=scheduler,
                      trainer_state=trainer_state, write_extra=write_extra, rng_states=rng_states)
-    except write_errors() as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous = latest_checkpoint(run_dir)
-        raise WriteFailed(f"could not write checkpoint {final} ({reason(e)}); {free_space(root)}; "
-                          f"{'the previous checkpoint ' + previous.name + ' is intact' if previous else 'no earlier checkpoint exists'}"
-                          ) from e
-
-    old = None
-    if final.exists():  # a re-run of the same step (resumed after a crash right after this write)
-        old = root / f".old-step-{step}-{os.getpid()}"
-        os.rename(final, old)
-    os.rename(tmp, final)
-    _fsync_dir(root)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     # the oldest beyond ``keep``; never this one (the newest, its checksums read back as it was written)
     older = [c for c in list_checkpoints(run_dir) if _step_of(c) < step]
     for c in older[:max(0, len(older) - (keep - 1))]:
@@ -215,14 +173,12 @@ def _write_files(tmp: Path, step: int, *, model, optimizer, scheduler, trainer_s
     if write_extra is not None:
         write_extra(tmp)
     _write_json(tmp / STATE_FILE, {**trainer_state, "step": step})
-    fsync_tree(tmp)
-    # the manifest last: its checksums are read back from the flushed files
+    # the manifest last: its checksums are read back from the files as written
     files = {}
     for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
         files[path.relative_to(tmp).as_posix()] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     _write_json(tmp / MANIFEST, {"format": MANIFEST_FORMAT, "step": step, "fastsft_version": __version__,
                                  "files": files})
-    _fsync_dir(tmp)
 
 
 def _step_of(ckpt: Path) -> int:

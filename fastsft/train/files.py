@@ -159,12 +159,16 @@ def atomic_directory(final: Path, what: str | None = None, *, after: str = ""):
         raise
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
+def hash_file(h, path: Path, chunk: int = 1 << 22):
+    """Feed ``path``'s bytes to the hash ``h`` (hashlib), a chunk at a time; return ``h``."""
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
-    return h.hexdigest()
+    return h
+
+
+def sha256_file(path: Path) -> str:
+    return hash_file(hashlib.sha256(), path).hexdigest()
 
 
 def process_alive(pid: int) -> bool:
@@ -179,9 +183,10 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale(directory: Path) -> list[Path]:
+def remove_stale(directory: Path, complete=lambda path: True) -> list[Path]:
     """Delete the temporaries in ``directory`` (not below) left by writers that are gone; return them.
-    An ``.old-<name>-<pid>`` left by a swap cut short is put back when ``<name>`` is missing."""
+    An ``.old-<name>-<pid>`` left by a swap cut short is put back when ``<name>`` is missing and
+    ``complete(it)`` holds (deleted otherwise)."""
     removed = []
     directory = Path(directory)
     if not directory.is_dir():
@@ -192,12 +197,12 @@ def remove_stale(directory: Path) -> list[Path]:
         if old and not process_alive(int(old.group(2))):
             target = directory / old.group(1)
             try:
-                if not target.exists():
+                if not target.exists() and complete(entry):
                     os.rename(entry, target)
                 else:
                     shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
                     removed.append(entry)
-            except OSError:
+            except OSError:  # another process tidying up at the same time
                 pass
             continue
         if not m or process_alive(int(m.group(1) or m.group(2))):
