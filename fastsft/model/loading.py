@@ -206,15 +206,22 @@ def load_model(
                 del t
 
     for name in quantized:
-        layer = _load_nf4_layer(modules[name], name, files, dtype, device, prequantized)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        _set_submodule(model, name, _load_nf4_layer(modules[name], name, files, dtype, device, prequantized))
+    return _finish_loading(model, state, where)
 
+
+def _set_submodule(model: CausalLM, name: str, layer: torch.nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, layer)
+
+
+def _finish_loading(model: CausalLM, state: dict, where) -> CausalLM:
+    """Assign the loaded tensors to the meta-built model, tie the head, and check nothing stayed on meta."""
     model.load_state_dict(state, strict=False, assign=True)
-    del state
+    state.clear()
     model.tie_weights()
     for name, p in model.named_parameters():
-        if p.is_meta:  # cannot happen after the key checks above; defensive
+        if p.is_meta:  # cannot happen after the key checks of the callers; defensive
             raise ValueError(f"parameter {name!r} was not loaded from {where}")
         p.requires_grad_(True)
     return model
@@ -521,16 +528,8 @@ def _load_gguf_model(path: Path, dtype: torch.dtype, device, *, load_in_4bit: bo
         layer = NF4Linear.from_quantized_state(*packed.pop(name), bias=bias, compute_dtype=dtype)
         if (layer.out_features, layer.in_features) != tuple(modules[name].weight.shape):
             raise ValueError(f"shape mismatch for {name!r}: the 4-bit weight does not fit the model")
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer.to(device))
-    model.load_state_dict(state, strict=False, assign=True)
-    del state
-    model.tie_weights()
-    for name, p in model.named_parameters():
-        if p.is_meta:  # cannot happen after the key checks above; defensive
-            raise ValueError(f"parameter {name!r} was not loaded from {path}")
-        p.requires_grad_(True)
-    return model
+        _set_submodule(model, name, layer.to(device))
+    return _finish_loading(model, state, path)
 
 
 def _parse_size(size: Union[int, str]) -> int:
