@@ -15,6 +15,36 @@ def save_tiny_hf_llama(path, *, vocab_size: int, tie: bool = False, seed: int = 
     return path
 
 
+def write_jsonl(path, records, encoding="utf-8"):
+    """``records`` as JSONL at ``path`` (non-ASCII kept as is, in ``encoding``); returns the path."""
+    import json
+
+    path.write_bytes("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode(encoding))
+    return path
+
+
+def stored(spec, **kw):
+    """The byte-tokenizer token store of one dataset in record order (no split, no shuffle), and its report."""
+    from fastsft.data import ByteTokenizer, DatasetSpec
+    from fastsft.data.pipeline import load_dataset
+
+    store, report = load_dataset(DatasetSpec.coerce(spec), ByteTokenizer(), max_seq_len=512, **kw)
+    return [list(store[i][0]) for i in range(len(store))], report
+
+
+def data_error(spec, **kw) -> str:
+    """The one-line DataError that building ``spec`` (byte tokenizer) raises."""
+    import pytest
+
+    from fastsft.data import ByteTokenizer, DataError, build_dataset
+
+    with pytest.raises(DataError) as e:
+        build_dataset([spec], ByteTokenizer(), max_seq_len=512, **kw)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 

@@ -1,13 +1,13 @@
 """Field mappings that reach inside records (paths, [*] one example per list element) and the hints
 format detection gives: only fields that look like prompts/responses, and "no responses" in words."""
 
-import json
-
 import pytest
 
 from fastsft.data import ByteTokenizer, DataError, DatasetSpec, build_dataset, normalize
 from fastsft.data.formats import check_fields, record_elements
-from fastsft.data.pipeline import load_dataset
+
+from helpers import data_error as error
+from helpers import stored, write_jsonl
 
 TOK = ByteTokenizer()
 SELF_INSTRUCT_FIELDS = {"instruction": "instruction", "input": "instances[*].input", "output": "instances[*].output"}
@@ -27,21 +27,6 @@ MT_BENCH = [{"question_id": 81 + k, "category": "writing",
             for k in range(4)]
 
 
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
-
-
-def stored(spec, **kw):
-    store, report = load_dataset(DatasetSpec.coerce(spec), TOK, max_seq_len=512, **kw)
-    return [list(store[i][0]) for i in range(len(store))], report
-
-
-def error(spec, **kw) -> str:
-    with pytest.raises(DataError) as e:
-        build_dataset([spec], TOK, max_seq_len=512, **kw)
-    assert "\n" not in str(e.value)
-    return str(e.value)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,32 +10,17 @@ import sys
 
 import pytest
 
-from fastsft.data import ByteTokenizer, DataError, DatasetSpec, build_dataset
+from fastsft.data import ByteTokenizer, DatasetSpec, build_dataset
 from fastsft.data import formats
 from fastsft.data.formats import iter_records, source_problem
-from fastsft.data.pipeline import load_dataset
+
+from helpers import data_error as error
+from helpers import stored, write_jsonl
 
 TOK = ByteTokenizer()
 RECS = [{"instruction": f"Add {k} and {k}.", "input": "", "output": f"{2 * k}"} for k in range(40)]
 
 
-def write_jsonl(path, records, encoding="utf-8"):
-    path.write_bytes("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode(encoding))
-    return path
-
-
-def stored(spec, **kw):
-    """The token store of one dataset in record order (no split, no shuffle)."""
-    store, report = load_dataset(DatasetSpec.coerce(spec), TOK, max_seq_len=512, **kw)
-    return [list(store[i][0]) for i in range(len(store))], report
-
-
-def error(spec, **kw) -> str:
-    with pytest.raises(DataError) as e:
-        build_dataset([spec], TOK, max_seq_len=512, **kw)
-    msg = str(e.value)
-    assert "\n" not in msg
-    return msg
 
 
 # ------------------------------------------------------------------------------------------------

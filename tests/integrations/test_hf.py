@@ -49,15 +49,6 @@ def batch(seed=1, b=2, t=10):
     return ids, labels
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls on a shared 2-core box: intra-op threads only add barrier spinning (10-20x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def spy(monkeypatch):
     """Records every call to fastsft.loss.fused_linear_cross_entropy (the attribute the patch calls)."""

@@ -54,14 +54,6 @@ def tiny(model_type: str, **overrides):
         return transformers.AutoModelForCausalLM.from_config(cfg).float().train()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("model_type", list(FAMILIES))
 def test_loss_and_gradients_match_transformers(model_type):
     ref = tiny(model_type, **FAMILIES[model_type])
