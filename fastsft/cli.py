@@ -43,7 +43,7 @@ class _OneLineParser(argparse.ArgumentParser):
             known = [s for a in self._actions for s in a.option_strings]
             close = difflib.get_close_matches(flag, known, n=1)
             message = f"unknown option {flag}" + (f" (did you mean {close[0]}?)" if close else "") + \
-                f"; fastsft train --help lists every option"
+                "; fastsft train --help lists every option"
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
@@ -151,8 +151,9 @@ def _user_error(e: BaseException) -> bool:
 
 def _resume_config(resume_arg: str, config_path, overrides: dict):
     """The config a --resume asks for: the run's saved config.yaml (verified) with the overrides on top, or
-    a config file given on the command line; the trainer then applies or refuses each difference."""
-    from fastsft.train.run_dir import RunDirError, load_saved_config
+    a config file given on the command line; the trainer then applies or refuses each difference (and
+    says when there is no run directory to resume)."""
+    from fastsft.train.run_dir import load_saved_config
 
     if resume_arg:
         run_dir = Path(resume_arg)
@@ -160,9 +161,6 @@ def _resume_config(resume_arg: str, config_path, overrides: dict):
         run_dir = Path(overrides["output.dir"])
     else:
         run_dir = _latest_run(Path("runs"))
-    if not run_dir.is_dir():
-        what = "does not exist" if not run_dir.exists() else "is not a directory"
-        raise RunDirError(f"--resume: {run_dir} {what}; nothing to resume (start the run without --resume)")
     overrides = {**overrides, "output.dir": str(run_dir)}
     if config_path is None and (run_dir / "config.yaml").exists():
         cfg = load_saved_config(run_dir)

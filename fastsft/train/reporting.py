@@ -56,7 +56,7 @@ class TensorBoard:
 
 
 class WandB:
-    def __init__(self, run_dir: Path, config: dict, resume_step: int | None):
+    def __init__(self, run_dir: Path, config: dict):
         try:
             import wandb
         except ImportError:
@@ -70,7 +70,6 @@ class WandB:
             atomic_write_text(id_file, run_id + "\n")
         self.run = wandb.init(id=run_id, name=run_dir.name, dir=str(run_dir), config=config, resume="allow",
                               project="fastsft")
-        self.resume_step = resume_step
 
     def write(self, record: dict) -> None:
         self.run.log(scalars(record), step=record.get("step", 0))
@@ -103,7 +102,7 @@ def open_reporters(names: list[str], run_dir: Path, *, config: dict, resume_step
         if name == "tensorboard":
             out.append(TensorBoard(run_dir, resume_step))
         elif name == "wandb":
-            out.append(WandB(run_dir, config, resume_step))
+            out.append(WandB(run_dir, config))
         else:  # config validation names the key first; this is the backstop
             raise ConfigError(f"config key 'output.report_to' has unknown reporter {name!r}; known: "
                               f"{', '.join(REPORTERS)}")

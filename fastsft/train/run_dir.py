@@ -36,7 +36,7 @@ from fastsft import config as config_mod
 from fastsft import preflight as preflight_mod
 from fastsft.config import Config, ConfigError
 from fastsft.train import checkpoint as ckpt_mod
-from fastsft.train.files import atomic_write_text, remove_stale, sha256_file, writing
+from fastsft.train.files import atomic_write_text, remove_stale, sha256_file
 
 LOCK_FILE = ".fastsft.lock"
 RUN_MANIFEST = "run.json"
@@ -208,8 +208,8 @@ class RunDirectory:
     def _restart(self, cfg: Config, why: str, saved: Config | None = None) -> None:
         """--resume of a run that cannot be continued because it never got that far: start it over."""
         if saved is not None:  # its saved config, with what this command asks on top (nothing was trained)
-            asked = {k: v for k, v in config_mod.flatten(cfg).items()
-                     if k not in NOT_COMPARED and v != config_mod.flatten(saved)[k]}
+            was = config_mod.flatten(saved)
+            asked = {k: v for k, v in config_mod.flatten(cfg).items() if k not in NOT_COMPARED and v != was[k]}
             for key, value in asked.items():
                 config_mod.set_option(saved, key, value)
             saved.output.dir = cfg.output.dir
@@ -404,13 +404,3 @@ def resume_changes(saved: Config, requested: Config, *, at_step: int) -> dict[st
                               f"(the schedule of the steps already trained used {a[key]} steps)")
         changes[key] = [a[key], b[key]]
     return changes
-
-
-def write_failed_hint(run_dir: Path) -> str:
-    from fastsft.train.signals import resume_command
-
-    return f"free space, then resume with: {resume_command(run_dir)}"
-
-
-__all__ = ["RunDirectory", "RunDirError", "RESUMABLE", "load_saved_config", "resume_changes", "writing",
-           "verify_run_files"]

@@ -1,7 +1,6 @@
 """The final-answer metric (``eval.answer_pattern``): answers found by a regex in the expected and the
 generated response, compared as numbers when both are."""
 
-import numpy as np
 import pytest
 
 from fastsft import config as cfgmod
