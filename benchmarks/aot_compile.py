@@ -271,6 +271,16 @@ def _capture_swiglu(cap: Capture, m: ModelShape, dtype):
     cap.call(f"swiglu_backward {m.name} {_short(dtype)}", swiglu.swiglu_backward, gate, gate, gate)
 
 
+def _capture_geglu(cap: Capture, m: ModelShape, dtype):
+    import torch
+
+    from fastsft.kernels import geglu
+
+    gate = torch.empty(4, m.intermediate, dtype=dtype)  # only the element count reaches the kernel
+    cap.call(f"geglu_forward {m.name} {_short(dtype)}", geglu.geglu_forward, gate, gate)
+    cap.call(f"geglu_backward {m.name} {_short(dtype)}", geglu.geglu_backward, gate, gate, gate)
+
+
 def _capture_nf4(cap: Capture, m: ModelShape, dtype):
     import torch
 
@@ -317,7 +327,8 @@ def _capture_fused_linear_cross_entropy(cap: Capture, m: ModelShape, dtype):
                  chunk_rows=chunk, **opts)
 
 
-CAPTURES = (_capture_rms_norm, _capture_rope, _capture_swiglu, _capture_nf4, _capture_fused_linear_cross_entropy)
+CAPTURES = (_capture_rms_norm, _capture_rope, _capture_swiglu, _capture_geglu, _capture_nf4,
+            _capture_fused_linear_cross_entropy)
 
 
 def _short(dtype) -> str:

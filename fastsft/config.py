@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 
-KERNEL_PIECES = ("loss", "lora", "rms_norm", "rope", "swiglu")
+KERNEL_PIECES = ("loss", "lora", "rms_norm", "rope", "swiglu", "geglu")
 
 
 class ConfigError(ValueError):
@@ -115,7 +115,7 @@ class TrainConfig:
                         ("auto", "on", "off"))
     kernels_off: list = _opt([], "Native pieces switched off one by one (benchmark ablation), any of: "
                                  "loss (fused linear cross-entropy), lora (fused LoRA / NF4 dequant), "
-                                 "rms_norm, rope, swiglu.")
+                                 "rms_norm, rope, swiglu, geglu.")
     fsdp: bool = _opt(False, "Under torchrun: shard the model over the processes with FSDP2 (each decoder layer, then "
                              "the root), for models that do not fit one GPU; needs lora.enabled. False: data "
                              "parallel, the model replicated on every process.")

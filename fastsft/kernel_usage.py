@@ -22,7 +22,7 @@ import warnings
 __all__ = ["PIECES", "COSTS", "record", "fallback", "muted", "note_self_check", "snapshot", "self_checks", "reset",
            "summary_line"]
 
-PIECES = ("loss", "lora", "rms_norm", "rope", "swiglu", "attention", "packing")
+PIECES = ("loss", "lora", "rms_norm", "rope", "swiglu", "geglu", "attention", "packing")
 
 # What the reference path of each piece costs on a GPU, so a fallback message says what is lost.
 COSTS = {
@@ -36,6 +36,8 @@ COSTS = {
     "rope": "eager RoPE: rotate_half copies and float32 temporaries of q and k (several extra passes)",
     "swiglu": "eager SwiGLU: silu(g) and the product materialised and saved (two more [tokens x intermediate] "
               "tensors per layer)",
+    "geglu": "eager GeGLU: gelu_tanh(g) and the product materialised and saved, plus tanh's temporaries (more "
+             "[tokens x intermediate] tensors per layer)",
     "attention": "packed rows on SDPA with a dense T x T block-diagonal mask and repeated K/V heads: about "
                  "T / (mean record length) times the attention work (roughly 9x at ~10 records per 2048-token "
                  "row) and a T x T mask per sliding-window kind",

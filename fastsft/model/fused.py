@@ -10,6 +10,8 @@ pieces (``fastsft.config.KERNEL_PIECES`` minus the loss, which ``fastsft.loss`` 
     rms_norm  ``kernels/rms_norm.py``
     rope      ``kernels/rope.py`` (position_ids-aware: packed rows need nothing special)
     swiglu    ``kernels/swiglu.py``, for MLPs whose projections are not all LoRA-adapted
+    geglu     ``kernels/geglu.py``: Gemma's tanh-GELU gating (its MLPs never take the fused LoRA block,
+              whose backward is SiLU's)
 
 Modes (config ``train.kernels``, with ``train.kernels_off`` naming pieces switched off one by one):
 
@@ -37,8 +39,8 @@ from fastsft.kernels import relative_error, self_check_error, triton_available
 
 __all__ = ["MODEL_PIECES", "KernelChoice", "configure_kernels"]
 
-MODEL_PIECES = ("lora", "rms_norm", "rope", "swiglu")
-_TRITON_PIECES = ("rms_norm", "rope", "swiglu")
+MODEL_PIECES = ("lora", "rms_norm", "rope", "swiglu", "geglu")
+_TRITON_PIECES = ("rms_norm", "rope", "swiglu", "geglu")
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,7 @@ class KernelChoice:
 
 
 _IMPL = {"lora": "fused LoRA autograd (kernels/lora.py)", "rms_norm": "Triton RMSNorm", "rope": "Triton RoPE",
-         "swiglu": "Triton SwiGLU"}
+         "swiglu": "Triton SwiGLU", "geglu": "Triton GeGLU"}
 
 
 def _autocast_dtype(t: torch.Tensor):
@@ -147,6 +149,11 @@ def _check_piece(piece: str, device: torch.device, dtype: torch.dtype, autocast_
         from fastsft.kernels.swiglu import swiglu, swiglu_ref
 
         _grads_match(swiglu, swiglu_ref, [torch.randn(37, 150, generator=g), torch.randn(37, 150, generator=g)],
+                     device, dtype)
+    elif piece == "geglu":
+        from fastsft.kernels.geglu import geglu, geglu_ref
+
+        _grads_match(geglu, geglu_ref, [3 * torch.randn(37, 150, generator=g), torch.randn(37, 150, generator=g)],
                      device, dtype)
     else:
         raise ValueError(f"no self-check for {piece!r}")
