@@ -78,7 +78,7 @@ def _fastsft(store, packed: bool):
     def step():
         hidden = model(batch["input_ids"], position_ids=batch["position_ids"], **extra)
         loss = fused_linear_cross_entropy(hidden, model.lm_head.weight, batch["targets"], reduction="sum",
-                                          num_items=num_items)
+                                          num_items=num_items, softcap=model.config.final_logit_softcapping)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

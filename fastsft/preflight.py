@@ -315,14 +315,26 @@ def _linear_shapes(m) -> dict[str, tuple[int, int]]:
     hd = m.head_dim or m.hidden_size // m.num_attention_heads
     q, kv = m.num_attention_heads * hd, (m.num_key_value_heads or m.num_attention_heads) * hd
     h, i = m.hidden_size, m.intermediate_size
+    if getattr(m, "fused_projections", False):  # Phi-3
+        return {"qkv_proj": (h, q + 2 * kv), "o_proj": (q, h), "gate_up_proj": (h, 2 * i), "down_proj": (i, h)}
     return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def _targets(m, target_modules) -> tuple:
+    """Short target names as the model's layers spell them (Phi-3's fused projections)."""
+    from fastsft.model.lora import FUSED_PROJECTIONS, fuse_target_names
+
+    fused = FUSED_PROJECTIONS if getattr(m, "fused_projections", False) else ()
+    return fuse_target_names(tuple(target_modules), fused)
 
 
 def count_parameters(m, *, lora_r: int = 0, target_modules=()) -> tuple[int, int]:
     """(base parameters, LoRA parameters for ``target_modules`` at rank ``lora_r``) of a ModelConfig."""
     shapes = _linear_shapes(m)
-    per_layer = sum(a * b for a, b in shapes.values()) + 2 * m.hidden_size  # + two RMSNorm weights
+    target_modules = _targets(m, target_modules)
+    norms = 4 if getattr(m, "sandwich_norms", False) else 2  # Gemma 2/3: pre/post feed-forward norms too
+    per_layer = sum(a * b for a, b in shapes.values()) + norms * m.hidden_size  # + the RMSNorm weights
     hd = m.head_dim or m.hidden_size // m.num_attention_heads
     if m.attention_bias:
         per_layer += shapes["q_proj"][1] + 2 * shapes["k_proj"][1]
@@ -340,9 +352,11 @@ def count_parameters(m, *, lora_r: int = 0, target_modules=()) -> tuple[int, int
 
 def _tensor_counts(m, target_modules) -> tuple[int, int]:
     """(base tensors, LoRA tensors) of a ModelConfig: the safetensors header entries."""
-    per_layer = 7 + 2 + (2 if m.qk_norm else 0)
+    norms = 4 if getattr(m, "sandwich_norms", False) else 2
+    per_layer = len(_linear_shapes(m)) + norms + (2 if m.qk_norm else 0)
     per_layer += (3 if m.attention_bias else 0) + (1 if m.o_proj_bias else 0) + (3 if m.mlp_bias else 0)
     base = m.num_hidden_layers * per_layer + (1 if m.tie_word_embeddings else 2) + 1
+    target_modules = _targets(m, target_modules)
     lora = 2 * m.num_hidden_layers * sum(1 for name in _linear_shapes(m) if name in target_modules)
     return base, lora
 

@@ -1,7 +1,7 @@
 """Model configuration for fastsft's Llama-family decoder.
 
 `ModelConfig` is a plain dataclass that covers the subset of the Hugging Face
-config schema fastsft implements (Llama, Mistral, Qwen2, Qwen3). It reads
+config schema fastsft implements (Llama, Mistral, Qwen2, Qwen3, Gemma 1/2/3 text, Phi-3/Phi-4-mini). It reads
 config.json files written by both transformers 4.x (top-level `rope_theta` plus
 `rope_scaling` with "type"/"rope_type") and transformers 5.x (`rope_parameters`,
 which also carries `rope_theta`), and writes a config.json that transformers'
@@ -18,7 +18,15 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Optional, Union
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
+# Gemma's decoders: RMSNorm scaling by (1 + w) in float32, embeddings scaled by sqrt(hidden_size).
+GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
+# Families whose layers carry extra pre/post feed-forward norms and a norm on the attention output.
+SANDWICH_NORM_TYPES = ("gemma2", "gemma3_text")
+# MLP activations fastsft implements (transformers' ACT2FN names; "swish" is SiLU there too).
+SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
+ACTIVATION_ALIASES = {"swish": "silu"}
+LAYER_TYPES = ("full_attention", "sliding_attention")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "yarn", "longrope")
 # Older spellings of a rope type, read as the type they name (and written back under that name).
 ROPE_TYPE_ALIASES = {"su": "longrope"}  # Phi-3's first 128k checkpoints
@@ -29,6 +37,10 @@ ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
 
 # Parameters each rope type reads besides rope_theta (kept in ModelConfig.rope_theta): (required,
@@ -87,13 +99,25 @@ HF_FIELDS: dict[str, Union[str, tuple]] = {
     "rope_theta": READ,
     "max_position_embeddings": READ,  # dynamic NTK's threshold, the default original context of yarn/longrope
     "original_max_position_embeddings": READ,  # top-level (Phi-3): wins over the rope dict's, as in transformers 5
-    "partial_rotary_factor": (None, 1, 1.0),
+    "partial_rotary_factor": READ,  # phi3 (Phi-4-mini rotates 3/4 of each head); refused elsewhere unless 1
     # attention windows
     "sliding_window": READ,
     "use_sliding_window": READ,  # qwen2/qwen3
     "max_window_layers": READ,  # qwen2/qwen3
-    "layer_types": READ,  # qwen2/qwen3 (Mistral's modeling code ignores it)
-    "hidden_act": ("silu", "swish"),  # transformers' ACT2FN maps both to SiLU
+    "layer_types": READ,  # qwen2/qwen3/gemma2/gemma3_text (Mistral's and Phi-3's modeling code ignore it)
+    "sliding_window_pattern": READ,  # gemma3_text's older spelling of layer_types (every n-th layer global)
+    "hidden_act": READ,  # one of SUPPORTED_ACTIVATIONS (or "swish"); gemma2/gemma3_text read hidden_activation
+    "hidden_activation": READ,
+    # Gemma
+    "query_pre_attn_scalar": READ,  # gemma2/gemma3_text: attention scale query_pre_attn_scalar ** -0.5
+    "attn_logit_softcapping": READ,  # gemma2 (gemma3_text's attention never reads it: refused unless null)
+    "final_logit_softcapping": READ,  # gemma2/gemma3_text: passed to the fused loss as softcap
+    "rope_local_base_freq": READ,  # gemma3_text's sliding layers' RoPE base (transformers 4 layout)
+    "use_bidirectional_attention": (None, False),  # EmbeddingGemma's encoder mode
+    "cache_implementation": INERT,  # generation cache layout ("hybrid" in Gemma 2 configs)
+    # Phi-3
+    "resid_pdrop": READ,  # dropout on the attention and MLP outputs before each residual add, training only
+    "embd_pdrop": INERT,  # declared by Phi3Config, read by no Phi-3 modeling code
     # no effect on the math
     "pretraining_tp": INERT,  # unread by transformers 5; 4.x only split the same matmuls into slices
     "bos_token_id": INERT,
@@ -123,6 +147,8 @@ _SIZES = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_h
               num_attention_heads=32, num_key_value_heads=None, head_dim=None, rms_norm_eps=1e-6,
               max_position_embeddings=2048, tie_word_embeddings=False, initializer_range=0.02,
               attention_dropout=0.0, rope_theta=10000.0)
+_GEMMA = dict(_SIZES, vocab_size=256000, head_dim=256, max_position_embeddings=8192, tie_word_embeddings=True,
+              attention_bias=False)
 HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": dict(_SIZES, attention_bias=False, mlp_bias=False),
     "mistral": dict(_SIZES, intermediate_size=14336, num_key_value_heads=8, max_position_embeddings=131072,
@@ -133,6 +159,19 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen3": dict(_SIZES, vocab_size=151936, intermediate_size=22016, num_key_value_heads=32, head_dim=128,
                   max_position_embeddings=32768, attention_bias=False, use_sliding_window=False,
                   sliding_window=4096, max_window_layers=28),
+    "gemma": dict(_GEMMA, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28, num_attention_heads=16,
+                  num_key_value_heads=16, hidden_act="gelu_pytorch_tanh"),
+    "gemma2": dict(_GEMMA, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+                   num_key_value_heads=4, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256,
+                   sliding_window=4096, final_logit_softcapping=30.0, attn_logit_softcapping=50.0),
+    "gemma3_text": dict(_GEMMA, vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                        num_attention_heads=8, num_key_value_heads=4, hidden_activation="gelu_pytorch_tanh",
+                        max_position_embeddings=131072, query_pre_attn_scalar=256, sliding_window=4096,
+                        final_logit_softcapping=None, attn_logit_softcapping=None, rope_theta=1_000_000.0,
+                        rope_local_base_freq=10_000.0, sliding_window_pattern=6),
+    "phi3": dict(_SIZES, vocab_size=32064, hidden_size=3072, intermediate_size=8192, max_position_embeddings=4096,
+                 original_max_position_embeddings=4096, rms_norm_eps=1e-5, resid_pdrop=0.0, sliding_window=None,
+                 partial_rotary_factor=1.0),
 }
 
 TokenId = Optional[Union[int, list]]
@@ -278,6 +317,25 @@ class ModelConfig:
     max_window_layers: Optional[int] = None
     # Dropout on the attention probabilities in training mode (every attention path; see llama.Attention).
     attention_dropout: float = 0.0
+    # Per-layer attention kind, "full_attention" or "sliding_attention" (any pattern); when set it decides
+    # which layers use sliding_window (instead of max_window_layers), and in gemma3_text which RoPE base.
+    layer_types: Optional[list] = None
+    # MLP activation of the gated MLP: act(gate) * up. One of SUPPORTED_ACTIVATIONS; default silu
+    # (SwiGLU); Gemma's is gelu_pytorch_tanh (GeGLU, tanh-approximated GELU).
+    hidden_act: Optional[str] = None
+    # Gemma 2/3: attention scores scaled by query_pre_attn_scalar ** -0.5 instead of head_dim ** -0.5.
+    query_pre_attn_scalar: Optional[float] = None
+    # Gemma 2: attention scores soft-capped, s -> c tanh(s / c), before the mask and softmax.
+    attn_logit_softcapping: Optional[float] = None
+    # Gemma 2/3: logits soft-capped the same way (the fused loss's softcap; CausalLM.logits applies it).
+    final_logit_softcapping: Optional[float] = None
+    # Gemma 3: the RoPE base of the sliding-window layers (plain RoPE; rope_theta/rope_scaling are the
+    # full-attention layers').
+    rope_local_theta: Optional[float] = None
+    # Phi-3: dropout on the attention and MLP outputs before each residual add, training only.
+    resid_dropout: float = 0.0
+    # Phi-3 (Phi-4-mini: 0.75): RoPE rotates the first int(head_dim * factor) dims of each head only.
+    partial_rotary_factor: float = 1.0
     # Std of the normal init for Linear / Embedding weights.
     initializer_range: float = 0.02
     # Special token ids, as in config.json (eos may be a list, e.g. Llama 3.1).
@@ -301,23 +359,65 @@ class ModelConfig:
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
-        self.rope_scaling = _normalize_rope_scaling(self.rope_scaling, self.head_dim, self.max_position_embeddings)
+        mt = self.model_type
+        if not 0 < self.partial_rotary_factor <= 1:
+            raise ValueError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
+        if self.partial_rotary_factor != 1 and mt != "phi3":
+            raise _refused(f"{mt} config", "partial_rotary_factor", self.partial_rotary_factor, (1.0,))
+        if self.rotary_dim % 2 or self.rotary_dim == 0:
+            raise ValueError(f"the rotary dims of a head (head_dim x partial_rotary_factor = {self.rotary_dim}) "
+                             "must be even and positive for RoPE")
+        self.rope_scaling = _normalize_rope_scaling(self.rope_scaling, self.rotary_dim, self.max_position_embeddings)
         if not 0.0 <= self.attention_dropout < 1.0:
             raise ValueError(f"attention_dropout must be in [0, 1), got {self.attention_dropout}")
+        if not 0.0 <= self.resid_dropout < 1.0:
+            raise ValueError(f"resid_dropout must be in [0, 1), got {self.resid_dropout}")
+        if self.resid_dropout and mt != "phi3":
+            raise ValueError(f"resid_dropout is a phi3 option (resid_pdrop), not {mt!r}'s")
 
-        mt = self.model_type
+        if self.hidden_act is None:
+            self.hidden_act = "gelu_pytorch_tanh" if mt in GEMMA_TYPES else "silu"
+        self.hidden_act = ACTIVATION_ALIASES.get(self.hidden_act, self.hidden_act)
+        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; fastsft supports: "
+                             f"{', '.join(SUPPORTED_ACTIVATIONS)}")
         if self.qk_norm is None:
-            self.qk_norm = mt == "qwen3"
+            self.qk_norm = mt in ("qwen3", "gemma3_text")
         if self.o_proj_bias is None:
-            self.o_proj_bias = self.attention_bias if mt in ("llama", "qwen3") else False
+            self.o_proj_bias = self.attention_bias if mt in ("llama", "qwen3", *GEMMA_TYPES) else False
+        if mt in ("gemma2", "gemma3_text") and self.query_pre_attn_scalar is None:
+            self.query_pre_attn_scalar = 256  # transformers' default
+        for key, owners in (("query_pre_attn_scalar", ("gemma2", "gemma3_text")),
+                            ("attn_logit_softcapping", ("gemma2",)),
+                            ("final_logit_softcapping", ("gemma2", "gemma3_text")),
+                            ("rope_local_theta", ("gemma3_text",))):
+            value = getattr(self, key)
+            if value is not None and mt not in owners:
+                raise ValueError(f"{key} is a {'/'.join(owners)} option, not {mt!r}'s")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise ValueError(f"{key} must be a positive number or null, got {value!r}")
+        if mt == "gemma3_text" and self.rope_local_theta is None:
+            self.rope_local_theta = 10_000.0
+        if self.layer_types is not None:
+            self.layer_types = list(self.layer_types)
+            if len(self.layer_types) != self.num_hidden_layers or any(t not in LAYER_TYPES for t in self.layer_types):
+                raise ValueError(f"layer_types must list one of {LAYER_TYPES} per layer "
+                                 f"({self.num_hidden_layers} layers), got {self.layer_types!r}")
+            if mt in ("llama", "mistral", "gemma", "phi3"):
+                raise ValueError(f"layer_types is not read by {mt!r} models in transformers")
+        elif mt in ("gemma2", "gemma3_text"):
+            every = 2 if mt == "gemma2" else 6  # transformers' defaults: every 2nd / 6th layer global
+            self.layer_types = ["sliding_attention" if (i + 1) % every else "full_attention"
+                                for i in range(self.num_hidden_layers)]
         # Reject combinations that the HF class of this model_type cannot express,
         # so that save_pretrained always round-trips.
-        if self.qk_norm != (mt == "qwen3"):
-            raise ValueError(f"qk_norm={self.qk_norm} is not expressible for model_type {mt!r} (qwen3 only)")
-        if mt in ("llama", "qwen3") and self.o_proj_bias != self.attention_bias:
+        if self.qk_norm != (mt in ("qwen3", "gemma3_text")):
+            raise ValueError(f"qk_norm={self.qk_norm} is not expressible for model_type {mt!r} (qwen3 and "
+                             "gemma3_text only)")
+        if mt in ("llama", "qwen3", *GEMMA_TYPES) and self.o_proj_bias != self.attention_bias:
             raise ValueError(f"{mt}: attention_bias applies to q,k,v and o alike; o_proj_bias must equal it")
+        if mt == "phi3" and (self.attention_bias or self.o_proj_bias):
+            raise ValueError("phi3 has no attention biases")
         if mt == "qwen2" and (not self.attention_bias or self.o_proj_bias):
             raise ValueError("qwen2 always has q/k/v bias and no o_proj bias")
         if mt == "mistral" and (self.attention_bias or self.o_proj_bias):
@@ -334,9 +434,52 @@ class ModelConfig:
         """The sliding window that layer `layer_idx` uses, or None for full causal attention."""
         if self.sliding_window is None:
             return None
+        if self.layer_types is not None:
+            return self.sliding_window if self.layer_types[layer_idx] == "sliding_attention" else None
         if self.max_window_layers is not None and layer_idx < self.max_window_layers:
             return None
         return self.sliding_window
+
+    def layer_rope(self, layer_idx: int) -> str:
+        """Which RoPE layer `layer_idx` uses: "local" (gemma3_text's sliding layers: plain RoPE with base
+        rope_local_theta) or "global" (rope_theta and rope_scaling: every other layer)."""
+        if self.rope_local_theta is not None and self.layer_types[layer_idx] == "sliding_attention":
+            return "local"
+        return "global"
+
+    @property
+    def rotary_dim(self) -> int:
+        """The leading dims of each head that RoPE rotates (all of them unless partial_rotary_factor < 1)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def norm_unit_offset(self) -> bool:
+        """RMSNorm scales by (1 + weight) in float32 (Gemma), not by weight after the cast back."""
+        return self.model_type in GEMMA_TYPES
+
+    @property
+    def embed_scale(self) -> Optional[float]:
+        """Embeddings are multiplied by sqrt(hidden_size) (Gemma; rounded to the weights' dtype first)."""
+        return self.hidden_size ** 0.5 if self.model_type in GEMMA_TYPES else None
+
+    @property
+    def sandwich_norms(self) -> bool:
+        """Norms after attention and around the MLP too (Gemma 2/3)."""
+        return self.model_type in SANDWICH_NORM_TYPES
+
+    @property
+    def fused_projections(self) -> bool:
+        """One qkv_proj and one gate_up_proj Linear per layer (Phi-3), not q/k/v_proj and gate/up_proj."""
+        return self.model_type == "phi3"
+
+    @property
+    def attention_scale(self) -> float:
+        """What q k^T is multiplied by before the softmax."""
+        return float(self.query_pre_attn_scalar if self.query_pre_attn_scalar is not None else self.head_dim) ** -0.5
+
+    def local_rope_config(self) -> "ModelConfig":
+        """gemma3_text's sliding layers' RoPE as a config of its own (plain RoPE, base rope_local_theta)."""
+        return self.replace(rope_theta=float(self.rope_local_theta), rope_scaling=None)
 
     @property
     def rope_type(self) -> str:
@@ -347,12 +490,21 @@ class ModelConfig:
     def from_hf_dict(cls, d: dict) -> "ModelConfig":
         """Build from a Hugging Face config.json dict (transformers 4.x or 5.x layout)."""
         mt = d.get("model_type")
+        if mt == "gemma3" and isinstance(d.get("text_config"), dict):
+            raise ValueError("model_type 'gemma3' is Gemma 3's vision-language checkpoint; fastsft trains Gemma 3 "
+                             "text models (model_type 'gemma3_text', e.g. gemma-3-1b, or the text part saved alone)")
         if mt not in SUPPORTED_MODEL_TYPES:
             raise _unsupported_model_type(mt)
-        act = d.get("hidden_act", "silu")
-        if act not in HF_FIELDS["hidden_act"]:
-            raise ValueError(f"unsupported hidden_act {act!r}; fastsft supports: silu")
+        act_key = "hidden_activation" if mt in SANDWICH_NORM_TYPES else "hidden_act"
+        act = d.get(act_key, HF_DEFAULTS[mt].get(act_key, "silu"))
+        if mt == "gemma" and act == "gelu":
+            act = "gelu_pytorch_tanh"  # transformers' GemmaConfig: the official releases' "gelu" meant tanh-GELU
+        if ACTIVATION_ALIASES.get(act, act) not in SUPPORTED_ACTIVATIONS:
+            raise ValueError(f"unsupported {act_key} {act!r}; fastsft supports: {', '.join(SUPPORTED_ACTIVATIONS)}")
         _check_hf_fields(d)
+        if mt == "gemma3_text" and d.get("attn_logit_softcapping") is not None:
+            raise ValueError("config.json field 'attn_logit_softcapping' is set, but transformers' Gemma 3 attention "
+                             "never applies it; fastsft refuses rather than guess (set it to null)")
         # A field config.json omits takes the default of transformers' class for this family.
         d = {**HF_DEFAULTS[mt], **d}
 
@@ -364,12 +516,31 @@ class ModelConfig:
         for name, r in (("rope_parameters", rope_params), ("rope_scaling", rope_scaling)):
             if r is not None and not isinstance(r, dict):
                 raise ValueError(f"{name} must be a dict")
-        rope = dict(rope_scaling or rope_params or {})
+        local_theta = None
+        if mt == "gemma3_text":
+            # per layer kind: {"full_attention": {...}, "sliding_attention": {...}} (transformers 5), else the
+            # 4.x keys: rope_theta + rope_scaling for the global layers, rope_local_base_freq for the local ones
+            per_kind = rope_params if rope_params and any(isinstance(v, dict) for v in rope_params.values()) else {}
+            local = dict(per_kind.get("sliding_attention") or {})
+            if local.get("rope_type", local.get("type", "default")) != "default":
+                raise ValueError("gemma3_text: scaled RoPE on the sliding-window layers is not supported by fastsft "
+                                 f"(rope_parameters.sliding_attention = {local})")
+            local_theta = local.get("rope_theta", d["rope_local_base_freq"])
+            rope = dict(per_kind.get("full_attention") or {}) if per_kind else dict(rope_params or {})
+            rope.update(rope_scaling or {})
+        else:
+            rope = dict(rope_scaling or rope_params or {})
         if any(isinstance(v, dict) for v in rope.values()):
             raise ValueError("per-layer-type rope_parameters are not supported by fastsft")
         rope_theta = rope.pop("rope_theta", None)
         if rope_theta is None:
             rope_theta = d["rope_theta"]
+        partial = rope.pop("partial_rotary_factor", None)
+        if partial is None:
+            partial = d.get("partial_rotary_factor")
+        partial = 1.0 if partial is None else partial
+        if mt != "phi3" and partial not in (1, 1.0):
+            raise _refused("config.json", "partial_rotary_factor", partial, (None, 1, 1.0))
         rope_type = rope.get("rope_type", rope.get("type"))
         if ROPE_TYPE_ALIASES.get(rope_type, rope_type) in _ROPE_TYPES_WITH_ORIGINAL_CTX \
                 and d.get("original_max_position_embeddings") is not None:
@@ -393,6 +564,8 @@ class ModelConfig:
             tie_word_embeddings=bool(d["tie_word_embeddings"]),
             attention_dropout=float(d["attention_dropout"] or 0.0),
             initializer_range=d["initializer_range"],
+            hidden_act=act,
+            partial_rotary_factor=float(partial),
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
             pad_token_id=d.get("pad_token_id"),
@@ -403,26 +576,40 @@ class ModelConfig:
         if mt == "llama":
             kw["attention_bias"] = bool(d.get("attention_bias", False))
             kw["mlp_bias"] = bool(d.get("mlp_bias", False))
-        elif mt == "qwen3":
+        elif mt in ("qwen3", *GEMMA_TYPES):
             kw["attention_bias"] = bool(d.get("attention_bias", False))
         elif mt == "qwen2":
             kw["attention_bias"] = True
             kw["o_proj_bias"] = False
+        elif mt == "phi3":
+            kw["resid_dropout"] = float(d["resid_pdrop"] or 0.0)
 
-        if mt == "mistral":
-            kw["sliding_window"] = d.get("sliding_window")
+        if mt in ("mistral", "phi3"):
+            kw["sliding_window"] = d.get("sliding_window")  # every layer (their modeling ignores layer_types)
         elif mt in ("qwen2", "qwen3"):
             if d["use_sliding_window"] and d.get("sliding_window") is not None:
                 kw["sliding_window"] = d["sliding_window"]
                 layer_types = d.get("layer_types")
-                if layer_types:
-                    # Only the contiguous "full..., sliding..." pattern that max_window_layers expresses.
-                    first = next((i for i, t in enumerate(layer_types) if t == "sliding_attention"), len(layer_types))
-                    if any(t != "sliding_attention" for t in layer_types[first:]):
-                        raise ValueError("non-contiguous layer_types patterns are not supported by fastsft")
-                    kw["max_window_layers"] = first
+                first = next((i for i, t in enumerate(layer_types or ()) if t == "sliding_attention"), None)
+                if layer_types and (first is None or any(t != "sliding_attention" for t in layer_types[first:])):
+                    kw["layer_types"] = layer_types  # any other pattern, layer by layer
+                elif layer_types:
+                    kw["max_window_layers"] = first  # "full..., sliding...": what max_window_layers expresses
                 else:
                     kw["max_window_layers"] = d["max_window_layers"]
+        elif mt in SANDWICH_NORM_TYPES:
+            kw["sliding_window"] = d.get("sliding_window")
+            kw["layer_types"] = d.get("layer_types")
+            if not kw["layer_types"] and mt == "gemma3_text":
+                every = d["sliding_window_pattern"]
+                kw["layer_types"] = ["sliding_attention" if (i + 1) % every else "full_attention"
+                                     for i in range(kw["num_hidden_layers"])]
+            kw["query_pre_attn_scalar"] = d["query_pre_attn_scalar"]
+            kw["final_logit_softcapping"] = d.get("final_logit_softcapping")
+            if mt == "gemma2":
+                kw["attn_logit_softcapping"] = d.get("attn_logit_softcapping")
+            else:
+                kw["rope_local_theta"] = float(local_theta)
         return cls(**kw)
 
     @classmethod
@@ -468,7 +655,7 @@ class ModelConfig:
             "num_attention_heads": self.num_attention_heads,
             "num_key_value_heads": self.num_key_value_heads,
             "head_dim": self.head_dim,
-            "hidden_act": "silu",
+            "hidden_act": self.hidden_act,
             "rms_norm_eps": self.rms_norm_eps,
             # transformers 5 layout ...
             "rope_parameters": rope_parameters,
@@ -493,8 +680,28 @@ class ModelConfig:
         if mt == "llama":
             d["attention_bias"] = self.attention_bias
             d["mlp_bias"] = self.mlp_bias
-        elif mt == "qwen3":
+        elif mt in ("qwen3", *GEMMA_TYPES):
             d["attention_bias"] = self.attention_bias
+        if mt in SANDWICH_NORM_TYPES:
+            d["hidden_activation"] = d.pop("hidden_act")
+            d["query_pre_attn_scalar"] = self.query_pre_attn_scalar
+            d["final_logit_softcapping"] = self.final_logit_softcapping
+            d["attn_logit_softcapping"] = self.attn_logit_softcapping
+            d["sliding_window"] = self.sliding_window
+            d["layer_types"] = list(self.layer_types)
+        if mt == "gemma3_text":
+            # transformers 5: RoPE per layer kind; transformers 4: rope_theta/rope_scaling are the global layers'
+            d["rope_parameters"] = {"full_attention": rope_parameters,
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": self.rope_local_theta}}
+            d["rope_local_base_freq"] = self.rope_local_theta
+        if mt == "phi3":
+            d["partial_rotary_factor"] = self.partial_rotary_factor
+            d["resid_pdrop"] = self.resid_dropout
+            d["embd_pdrop"] = 0.0
+            d["sliding_window"] = self.sliding_window
+            d["rope_parameters"]["partial_rotary_factor"] = self.partial_rotary_factor
+            if self.rope_scaling is not None and "original_max_position_embeddings" in self.rope_scaling:
+                d["original_max_position_embeddings"] = self.rope_scaling["original_max_position_embeddings"]
         if mt == "mistral":
             d["sliding_window"] = self.sliding_window
         elif mt in ("qwen2", "qwen3"):
@@ -507,6 +714,9 @@ class ModelConfig:
                 "sliding_attention" if self.layer_sliding_window(i) is not None else "full_attention"
                 for i in range(self.num_hidden_layers)
             ]
+            if self.layer_types is not None and use_sw:  # max_window_layers: the first sliding layer
+                d["max_window_layers"] = next((i for i, t in enumerate(self.layer_types) if t == "sliding_attention"),
+                                              self.num_hidden_layers)
         return d
 
     def save_json(self, path: Union[str, Path]) -> None:

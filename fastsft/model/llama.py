@@ -1,4 +1,13 @@
-"""fastsft's lean decoder for the Llama family (Llama, Mistral, Qwen2, Qwen3).
+"""fastsft's lean decoder for the Llama family (Llama, Mistral, Qwen2, Qwen3) and its close relatives:
+Gemma 1/2/3 (text) and Phi-3 / Phi-4-mini.
+
+The relatives differ from Llama in pieces, each switched on by the config (see ModelConfig's helpers):
+Gemma's RMSNorm scales by (1 + w) in float32 and its embeddings by sqrt(hidden); Gemma 2/3 add norms
+after attention and around the MLP, scale attention by query_pre_attn_scalar, mix sliding and global
+layers (Gemma 3: with their own RoPE bases) and soft-cap logits (Gemma 2: attention scores too); their
+MLPs gate with tanh-GELU (GeGLU). Phi-3 fuses q/k/v into one qkv_proj and gate/up into one gate_up_proj
+(the names LoRA targets and PEFT keys use), adds residual dropout, and (Phi-4-mini) rotates part of
+each head only.
 
 Submodule names mirror transformers' so that state-dict keys match Hugging Face
 checkpoints exactly (model.embed_tokens, model.layers.{i}.self_attn.q_proj, ...,
@@ -48,7 +57,7 @@ _PER_SEQUENCE_ROPE = ("dynamic", "longrope")
 
 
 def _yarn_inv_freq(config: ModelConfig) -> torch.Tensor:
-    rs, dim, base = config.rope_scaling, config.head_dim, config.rope_theta
+    rs, dim, base = config.rope_scaling, config.rotary_dim, config.rope_theta
     factor = rs["factor"]
     original_ctx = rs["original_max_position_embeddings"]
     if factor is None:
@@ -73,7 +82,7 @@ def _yarn_inv_freq(config: ModelConfig) -> torch.Tensor:
 
 
 def _longrope_inv_freq(config: ModelConfig, long: bool) -> torch.Tensor:
-    rs, dim = config.rope_scaling, config.head_dim
+    rs, dim = config.rope_scaling, config.rotary_dim
     ext = torch.tensor(rs["long_factor" if long else "short_factor"], dtype=torch.float32, device="cpu")
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
     return 1.0 / (ext * config.rope_theta ** exponents)
@@ -81,7 +90,7 @@ def _longrope_inv_freq(config: ModelConfig, long: bool) -> torch.Tensor:
 
 def _dynamic_ntk_inv_freq(config: ModelConfig, seq_len: torch.Tensor) -> torch.Tensor:
     """[..., d/2] for int64 lengths [...]; float32 throughout, as transformers computes it in the forward."""
-    dim, max_pos, factor = config.head_dim, config.max_position_embeddings, config.rope_scaling["factor"]
+    dim, max_pos, factor = config.rotary_dim, config.max_position_embeddings, config.rope_scaling["factor"]
     seq_len = seq_len.clamp_min(max_pos)  # within max_pos the base stays theta (callers pick plain RoPE there)
     base = config.rope_theta * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2))
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=seq_len.device).float() / dim
@@ -107,10 +116,10 @@ def rope_threshold(config: ModelConfig) -> Optional[int]:
 
 
 def compute_inv_freq(config: ModelConfig, seq_len: Union[None, int, torch.Tensor] = None) -> torch.Tensor:
-    """RoPE inverse frequencies [head_dim // 2] in float32 on CPU, for a sequence of ``seq_len`` tokens
+    """RoPE inverse frequencies [rotary_dim // 2] in float32 on CPU, for a sequence of ``seq_len`` tokens
     (largest position + 1; only dynamic and longrope depend on it; None: within the original context).
-    A tensor of lengths [...] gives [..., head_dim // 2] on its device."""
-    dim = config.head_dim
+    A tensor of lengths [...] gives [..., rotary_dim // 2] on its device."""
+    dim = config.rotary_dim
     inv_freq = 1.0 / (
         config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim)
     )
@@ -237,14 +246,24 @@ class RotaryEmbedding(nn.Module):
 
 # --------------------------------------------------------------------------- blocks
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
+    """Llama's RMSNorm (weight times the normalised input, after its cast back), or with ``unit_offset``
+    Gemma's: the normalised input times (1 + weight), in float32, then cast back (weights start at 0)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, unit_offset: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.unit_offset = unit_offset
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
         self.variance_epsilon = eps
 
     kernel_choice = KernelChoice()  # fastsft.model.fused.configure_kernels sets it per model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.unit_offset:
+            # the Triton kernel implements Llama's casts only
+            kernel_usage.record("rms_norm", "reference", "Gemma's (1 + w) RMSNorm has no Triton kernel yet")
+            h = x.float()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+            return (h * (1.0 + self.weight.float())).type_as(x)
         if self.kernel_choice.use("rms_norm", x):
             from fastsft.kernels.rms_norm import rms_norm
 
@@ -255,7 +274,7 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.variance_epsilon}"
+        return f"{self.weight.shape[0]}, eps={self.variance_epsilon}" + (", 1 + w" if self.unit_offset else "")
 
 
 class Attention(nn.Module):
@@ -265,16 +284,25 @@ class Attention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
+        self.rotary_dim = config.rotary_dim
         self.sliding_window = config.layer_sliding_window(layer_idx)
+        self.rope_kind = config.layer_rope(layer_idx)  # which of the backbone's cos/sin tables this layer takes
         self.attention_dropout = config.attention_dropout  # on the attention probabilities, training only
+        # None: SDPA's own 1/sqrt(head_dim) (bit for bit what transformers passes); else Gemma's scale
+        self.scale = config.attention_scale if config.query_pre_attn_scalar is not None else None
+        self.softcap = config.attn_logit_softcapping
         h, hd = config.hidden_size, config.head_dim
-        self.q_proj = nn.Linear(h, self.num_heads * hd, bias=config.attention_bias)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * hd, bias=config.attention_bias)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * hd, bias=config.attention_bias)
+        self.fused = config.fused_projections
+        if self.fused:  # Phi-3: one projection, rows [q; k; v]
+            self.qkv_proj = nn.Linear(h, (self.num_heads + 2 * self.num_kv_heads) * hd, bias=False)
+        else:
+            self.q_proj = nn.Linear(h, self.num_heads * hd, bias=config.attention_bias)
+            self.k_proj = nn.Linear(h, self.num_kv_heads * hd, bias=config.attention_bias)
+            self.v_proj = nn.Linear(h, self.num_kv_heads * hd, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * hd, h, bias=config.o_proj_bias)
         if config.qk_norm:
-            self.q_norm = RMSNorm(hd, config.rms_norm_eps)
-            self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+            self.q_norm = RMSNorm(hd, config.rms_norm_eps, unit_offset=config.norm_unit_offset)
+            self.k_norm = RMSNorm(hd, config.rms_norm_eps, unit_offset=config.norm_unit_offset)
         else:
             self.q_norm = None
             self.k_norm = None
@@ -283,6 +311,9 @@ class Attention(nn.Module):
 
     def _project_qkv(self, x):
         """q, k, v projections: one fused LoRA node when all three are LoRA layers alike."""
+        if self.fused:
+            q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            return self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
         q, k, v = self.q_proj, self.k_proj, self.v_proj
         if _same_lora(q, k, v) and self.kernel_choice.use("lora", x):
             from fastsft.kernels.lora import lora_proj, lora_qkv
@@ -293,7 +324,15 @@ class Attention(nn.Module):
         return q(x), k(x), v(x)
 
     def _rotate(self, q, k, cos, sin):
-        """RoPE on q [B, T, H, hd] and k [B, T, Hkv, hd] with per-token cos/sin [B, T, hd]."""
+        """RoPE on q [B, T, H, hd] and k [B, T, Hkv, hd] with per-token cos/sin [B, T, rotary_dim]; with a
+        partial rotary factor the dims past rotary_dim pass through unrotated (as transformers' Phi-3)."""
+        if self.rotary_dim != self.head_dim:
+            kernel_usage.record("rope", "reference", "partial rotary embedding (Phi-4-mini): no Triton kernel")
+            r = self.rotary_dim
+            c, s = cos.unsqueeze(2), sin.unsqueeze(2)
+            qr, kr = q[..., :r], k[..., :r]
+            return (torch.cat([qr * c + rotate_half(qr) * s, q[..., r:]], dim=-1),
+                    torch.cat([kr * c + rotate_half(kr) * s, k[..., r:]], dim=-1))
         if self.kernel_choice.use("rope", q):
             from fastsft.kernels.rope import apply_rope
 
@@ -306,7 +345,7 @@ class Attention(nn.Module):
         """attn_mask: None -> plain causal (SDPA is_causal fast path); a bool [B|1, 1, T, T]
         tensor -> SDPA with that mask; a `VarlenArgs` -> packed varlen kernel (CUDA only).
         kv_cache (generation): this layer's earlier keys/values are prepended; attn_mask is then
-        [B, 1, T, past + T]."""
+        [B, 1, T, past + T]. Soft-capped attention (Gemma 2) always takes the eager path."""
         B, T, _ = x.shape
         q, k, v = self._project_qkv(x)
         q = q.view(B, T, self.num_heads, self.head_dim)
@@ -324,13 +363,16 @@ class Attention(nn.Module):
             out = attn_mask.attend(q.reshape(B * T, self.num_heads, self.head_dim),
                                    k.reshape(B * T, self.num_kv_heads, self.head_dim),
                                    v.reshape(B * T, self.num_kv_heads, self.head_dim),
-                                   self.sliding_window, dropout_p)
+                                   self.sliding_window, dropout_p, self.scale)
             return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         gqa = self.num_kv_heads != self.num_heads
-        if attn_mask is None:
+        if self.softcap is not None:
+            out = softcapped_attention(q, k, v, attn_mask, self.scale, self.softcap, dropout_p)
+        elif attn_mask is None:
             # Fast path: flash attention handles causal GQA natively.
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, dropout_p=dropout_p)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, dropout_p=dropout_p,
+                                                 scale=self.scale)
         else:
             if gqa:
                 # The memory-efficient CUDA kernel (the one taking a mask) has no native
@@ -338,35 +380,82 @@ class Attention(nn.Module):
                 rep = self.num_heads // self.num_kv_heads
                 k = k.repeat_interleave(rep, dim=1)
                 v = v.repeat_interleave(rep, dim=1)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=self.scale)
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         return self.o_proj(out)
 
 
+def softcapped_attention(q, k, v, mask: Optional[torch.Tensor], scale: Optional[float], softcap: float,
+                         dropout_p: float = 0.0) -> torch.Tensor:
+    """Attention with soft-capped scores (Gemma 2), s -> softcap * tanh(s / softcap) before the mask, in
+    transformers' eager order: scores in q's dtype, softmax in float32 cast back. q [B, H, T, D], k/v
+    [B, Hkv, S, D]; mask bool [B|1, 1, T, S] (True = attend) or None for causal (S == T). Neither SDPA's
+    fused kernels nor the flash/varlen kernels can soft-cap, so this materialises the [B, H, T, S] scores."""
+    kernel_usage.record("attention", "reference", "soft-capped attention scores (Gemma 2): eager matmul, tanh and "
+                        "softmax; no SDPA/flash/varlen kernel soft-caps")
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is None:
+        T, S = q.shape[2], k.shape[2]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    if dropout_p:
+        probs = F.dropout(probs, p=dropout_p)
+    return torch.matmul(probs, v)
+
+
 class MLP(nn.Module):
+    """down(act(gate(x)) * up(x)): SwiGLU (act = SiLU) or GeGLU (tanh-GELU, Gemma); Phi-3 computes gate and
+    up with one gate_up_proj (rows [gate; up])."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         h, i = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(h, i, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(h, i, bias=config.mlp_bias)
+        self.act = config.hidden_act
+        self.fused = config.fused_projections
+        if self.fused:
+            self.gate_up_proj = nn.Linear(h, 2 * i, bias=False)
+        else:
+            self.gate_proj = nn.Linear(h, i, bias=config.mlp_bias)
+            self.up_proj = nn.Linear(h, i, bias=config.mlp_bias)
         self.down_proj = nn.Linear(i, h, bias=config.mlp_bias)
 
     kernel_choice = KernelChoice()
 
     def forward(self, x):
+        if self.fused:
+            gate_up = self.gate_up_proj(x)
+            return self.down_proj(self._gated(*gate_up.chunk(2, dim=-1)))
         gate, up, down = self.gate_proj, self.up_proj, self.down_proj
-        if _same_lora(gate, up, down) and self.kernel_choice.use("lora", x):
+        if self.act == "silu" and _same_lora(gate, up, down) and self.kernel_choice.use("lora", x):
             # one node for the block; silu(g) * u recomputed in the backward, no dense W saved
             from fastsft.kernels.lora import lora_mlp, lora_proj
 
             return lora_mlp(x, lora_proj(gate), lora_proj(up), lora_proj(down), gate.scaling,
                             gate.lora_dropout_p, gate.training)
-        g, u = gate(x), up(x)
-        if self.kernel_choice.use("swiglu", g):
-            from fastsft.kernels.swiglu import swiglu
+        return down(self._gated(gate(x), up(x)))
 
-            return down(swiglu(g, u))
-        return down(F.silu(g) * u)
+    def _gated(self, g, u):
+        if self.act == "silu":
+            if self.kernel_choice.use("swiglu", g):
+                from fastsft.kernels.swiglu import swiglu
+
+                return swiglu(g, u)
+            return F.silu(g) * u
+        if self.act == "gelu_pytorch_tanh":
+            if self.kernel_choice.use("geglu", g):
+                from fastsft.kernels.geglu import geglu
+
+                return geglu(g, u)
+            return F.gelu(g, approximate="tanh") * u
+        kernel_usage.record("geglu", "reference", "exact-GELU gating (hidden_act 'gelu'): the kernel is tanh-GELU")
+        return F.gelu(g) * u
 
 
 def _same_lora(*modules) -> bool:
@@ -383,12 +472,29 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Attention(config, layer_idx)
         self.mlp = MLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        norm = dict(eps=config.rms_norm_eps, unit_offset=config.norm_unit_offset)
+        self.input_layernorm = RMSNorm(config.hidden_size, **norm)
+        # Llama: the norm before the MLP; Gemma 2/3 (sandwich norms): the norm of the attention output
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
+        self.sandwich = config.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, **norm)
+            self.post_feedforward_layernorm = RMSNorm(config.hidden_size, **norm)
+        self.resid_dropout = config.resid_dropout  # Phi-3's resid_pdrop, training only
 
     def forward(self, h, cos, sin, attn_mask, kv_cache=None):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, attn_mask, kv_cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        a = self.self_attn(self.input_layernorm(h), cos, sin, attn_mask, kv_cache)
+        if self.sandwich:
+            a = self.post_attention_layernorm(a)
+            h = h + a
+            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        if self.resid_dropout:
+            a = F.dropout(a, self.resid_dropout, self.training)
+        h = h + a
+        m = self.mlp(self.post_attention_layernorm(h))
+        if self.resid_dropout:
+            m = F.dropout(m, self.resid_dropout, self.training)
+        return h + m
 
 
 class KVCache:
@@ -520,15 +626,18 @@ class VarlenArgs(NamedTuple):
     kernel: VarlenKernel
     dtype: torch.dtype  # q/k/v go in in this dtype (after RoPE they may be float32 under autocast)
 
-    def attend(self, q, k, v, window: Optional[int], dropout_p: float = 0.0) -> torch.Tensor:
+    def attend(self, q, k, v, window: Optional[int], dropout_p: float = 0.0,
+               scale: Optional[float] = None) -> torch.Tensor:
         """q [N, H, D], k/v [N, Hkv, D] -> [N, H, D]; causal within each sequence, and within
         the last `window` tokens (self included) where the layer has a sliding window; dropout_p on
-        the attention probabilities (flash-attn only: _varlen_args sends dropout elsewhere to the mask)."""
+        the attention probabilities (flash-attn only: _varlen_args sends dropout elsewhere to the mask);
+        scale: what q k^T is multiplied by (None: 1/sqrt(head_dim))."""
         ws = (-1, 0) if window is None else (window - 1, 0)  # a tuple: torch reads (-1, 0) as is_causal
         cu, m, kernel = self.cu_seqlens, self.max_seqlen, self.kernel
         q, k, v = (t.to(self.dtype) for t in (q, k, v))
         if kernel.name == "flash_attn":  # GQA native
-            return kernel.fn(q, k, v, cu, cu, m, m, dropout_p=dropout_p, causal=True, window_size=ws)
+            return kernel.fn(q, k, v, cu, cu, m, m, dropout_p=dropout_p, softmax_scale=scale, causal=True,
+                             window_size=ws)
         if dropout_p:
             raise RuntimeError("torch's varlen_attn takes no dropout_p; attention dropout must use the mask path")
         grouped = k.shape[1] != q.shape[1]
@@ -536,6 +645,8 @@ class VarlenArgs(NamedTuple):
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         extra = {"enable_gqa": grouped} if kernel.gqa == "flag" else {}
+        if scale is not None:  # Gemma's query_pre_attn_scalar (else the kernel's own 1/sqrt(head_dim))
+            extra["scale"] = scale
         return kernel.fn(q, k, v, cu, cu, m, m, window_size=ws, **extra)
 
 
@@ -677,10 +788,26 @@ class Backbone(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, unit_offset=config.norm_unit_offset)
         self.rotary_emb = RotaryEmbedding(config)
+        # Gemma 3's sliding layers: plain RoPE with their own base (layer.self_attn.rope_kind == "local")
+        self.rotary_emb_local = RotaryEmbedding(config.local_rope_config()) if config.rope_local_theta else None
+        self.embed_scale = config.embed_scale
         self.gradient_checkpointing = False
         self.offload_activations = False  # with checkpointing: saved layer inputs in pinned CPU memory
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)
+        if self.embed_scale is not None:  # Gemma: sqrt(hidden) rounded to the weights' dtype, as transformers
+            h = h * torch.tensor(self.embed_scale, dtype=h.dtype, device=h.device)
+        return h
+
+    def rope_tables(self, position_ids, dtype, seq_ids=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """cos/sin per RoPE kind the layers use ("global", and Gemma 3's "local")."""
+        tables = {"global": self.rotary_emb(position_ids, dtype, seq_ids=seq_ids)}
+        if self.rotary_emb_local is not None:
+            tables["local"] = self.rotary_emb_local(position_ids, dtype, seq_ids=seq_ids)
+        return tables
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, cu_seqlens=None, max_seqlen=None,
                 kv_cache: Optional[KVCache] = None):
@@ -709,14 +836,14 @@ class Backbone(nn.Module):
         elif position_ids.dim() == 1:
             position_ids = position_ids.unsqueeze(0).expand(B, T)
 
-        h = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb(position_ids, h.dtype)
+        h = self.embed(input_ids)
+        ropes = self.rope_tables(position_ids, h.dtype)
         masks: dict[Optional[int], Optional[torch.Tensor]] = {}
         for layer in self.layers:
             w = layer.self_attn.sliding_window
             if w not in masks:
                 masks[w] = _build_mask(T, attention_mask, w, device)
-            h = self._run_layer(layer, h, cos, sin, masks[w])
+            h = self._run_layer(layer, h, *ropes[layer.self_attn.rope_kind], masks[w])
         return self.norm(h)
 
     def _forward_cached(self, input_ids, position_ids, attention_mask, kv_cache: KVCache):
@@ -731,14 +858,14 @@ class Backbone(nn.Module):
                              f"{(B, past + T)}, got {tuple(attention_mask.shape)}")
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, past:]
-        h = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb(position_ids, h.dtype)
+        h = self.embed(input_ids)
+        ropes = self.rope_tables(position_ids, h.dtype)
         masks: dict[Optional[int], torch.Tensor] = {}
         for layer in self.layers:
             w = layer.self_attn.sliding_window
             if w not in masks:
                 masks[w] = _build_cached_mask(past, T, attention_mask, w)
-            h = layer(h, cos, sin, masks[w], kv_cache)
+            h = layer(h, *ropes[layer.self_attn.rope_kind], masks[w], kv_cache)
         return self.norm(h)
 
     def _run_layer(self, layer, h, cos, sin, mask):
@@ -752,10 +879,12 @@ class Backbone(nn.Module):
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
             raise ValueError(f"cu_seqlens must be 1-D [S+1], got shape {tuple(cu_seqlens.shape)}")
         cu_seqlens = cu_seqlens.to(input_ids.device)
-        h = self.embed_tokens(input_ids)
+        h = self.embed(input_ids)
         if attention_mask is not None:
             kernel_usage.record("attention", "reference", "an attention_mask given with packed rows: masked SDPA")
             varlen = None
+        elif self.config.attn_logit_softcapping is not None:
+            varlen = None  # soft-capped scores: the eager path over the block-diagonal mask (softcapped_attention)
         else:
             varlen = _varlen_args(cu_seqlens, max_seqlen, B * T, _attention_dtype(h),
                                   dropout=self.training and self.config.attention_dropout > 0)
@@ -767,7 +896,7 @@ class Backbone(nn.Module):
         elif position_ids.dim() == 1:
             position_ids = position_ids.unsqueeze(0).expand(B, T)
         # dynamic / longrope pick each packed sequence's frequencies from its own length (see RoPE notes)
-        cos, sin = self.rotary_emb(position_ids, h.dtype, seq_ids=seq_ids)
+        ropes = self.rope_tables(position_ids, h.dtype, seq_ids=seq_ids)
         masks: dict[Optional[int], torch.Tensor] = {}
         for layer in self.layers:
             if varlen is not None:
@@ -777,7 +906,7 @@ class Backbone(nn.Module):
                 if w not in masks:
                     masks[w] = _build_packed_mask(seq_ids, attention_mask, w)
                 mask = masks[w]
-            h = self._run_layer(layer, h, cos, sin, mask)
+            h = self._run_layer(layer, h, *ropes[layer.self_attn.rope_kind], mask)
         return self.norm(h)
 
 
@@ -841,7 +970,13 @@ class CausalLM(nn.Module):
                           cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        """Logits for hidden states, soft-capped where the config says (Gemma 2/3's final_logit_softcapping;
+        the training loss applies the same cap inside the fused loss)."""
+        z = self.lm_head(hidden)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            z = torch.tanh(z / cap) * cap
+        return z
 
     # -- utilities ----------------------------------------------------------
     def num_parameters(self, trainable_only: bool = False) -> int:
@@ -865,7 +1000,7 @@ class CausalLM(nn.Module):
                 if isinstance(m, nn.Linear) and m.bias is not None:
                     m.bias.zero_()
             elif isinstance(m, RMSNorm):
-                m.weight.fill_(1.0)
+                m.weight.fill_(0.0 if m.unit_offset else 1.0)
 
     @property
     def device(self) -> torch.device:

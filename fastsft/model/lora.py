@@ -290,13 +290,46 @@ def _normalise_targets(target_modules: str | Iterable[str]) -> str | tuple[str, 
     return targets
 
 
+# Fused projections (Phi-3) and the separate ones each stands for (Llama's names).
+FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def fuse_target_names(targets: str | Iterable[str], fused: Iterable[str]) -> str | tuple[str, ...]:
+    """``targets`` for a model whose layers have the fused projections ``fused`` (Phi-3: qkv_proj and
+    gate_up_proj): Llama's separate names stand for the fused one when all its parts are named (so the
+    default all-linear list adapts Phi-3 whole); naming some parts only is refused -- one adapter on a
+    fused weight cannot be restricted to q and v. A regex (a single string) is left as it is."""
+    if isinstance(targets, str):
+        return targets
+    out = list(targets)
+    for name in fused:
+        parts = FUSED_PROJECTIONS[name]
+        named = [t for t in parts if t in out]
+        if not named:
+            continue
+        if len(named) != len(parts):
+            raise ValueError(f"this model fuses {', '.join(parts)} into one {name}: LoRA on {', '.join(named)} "
+                             f"alone cannot be expressed; target {name}")
+        at = out.index(named[0])
+        out = [t for t in out if t not in parts]
+        if name not in out:
+            out.insert(min(at, len(out)), name)
+    return tuple(out)
+
+
+def model_fused_projections(model: nn.Module) -> set[str]:
+    """Which of FUSED_PROJECTIONS ``model``'s modules use."""
+    return {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()} & set(FUSED_PROJECTIONS)
+
+
 def find_target_modules(model: nn.Module, target_modules: str | Iterable[str] = DEFAULT_TARGET_MODULES) -> list[str]:
     """Names of the ``nn.Linear`` submodules of ``model`` that ``target_modules`` selects.
 
     ``"all-linear"`` selects every linear layer except the output head (``lm_head``). The output head
-    is only selected when it is named explicitly (``"lm_head"``) or matched by a regex.
+    is only selected when it is named explicitly (``"lm_head"``) or matched by a regex. On a model with
+    fused projections, Llama's separate names select the fused ones (see fuse_target_names).
     """
-    targets = _normalise_targets(target_modules)
+    targets = fuse_target_names(_normalise_targets(target_modules), model_fused_projections(model))
     linear = [n for n, m in model.named_modules() if n and _is_linear(m)]
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         heads = _output_head_names(model)

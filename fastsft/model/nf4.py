@@ -319,7 +319,9 @@ def quantize_weight(w: torch.Tensor, device, *, double_quant: bool = True):
 def target_linear_names(model: nn.Module, target_modules) -> list[str]:
     """The ``nn.Linear`` modules whose last name component is in ``target_modules``, LM head excluded:
     what ``load_in_4bit`` quantizes."""
-    targets = set(target_modules)
+    from .lora import fuse_target_names, model_fused_projections
+
+    targets = set(fuse_target_names(tuple(target_modules), model_fused_projections(model)))
     names = [n for n, m in model.named_modules()
              if type(m) is nn.Linear and n.rsplit(".", 1)[-1] in targets and n != "lm_head"]
     if not names:

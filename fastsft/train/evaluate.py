@@ -28,7 +28,8 @@ def response_loss(model, store, *, pad_id: int, batch_size: int, max_records: in
         targets = batch["targets"].to(device)
         with autocast():
             hidden = model(batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device))
-            loss = fused_linear_cross_entropy(hidden, model.lm_head.weight, targets, reduction="sum", kernels=kernels)
+            loss = fused_linear_cross_entropy(hidden, model.lm_head.weight, targets, reduction="sum", kernels=kernels,
+                                              softcap=model.config.final_logit_softcapping)
         total += float(loss)
         count += int((targets != IGNORE_INDEX).sum())
     model.train(was_training)

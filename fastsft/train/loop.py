@@ -497,7 +497,8 @@ def _train(cfg: Config, run: RunDirectory, dist) -> dict:
                 hidden = model(batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
                                **_packed_args(batch, device))
                 loss = fused_linear_cross_entropy(hidden, model.lm_head.weight, batch["targets"].to(device),
-                                                  reduction="sum", num_items=num_items, kernels=loss_kernels)
+                                                  reduction="sum", num_items=num_items, kernels=loss_kernels,
+                                                  softcap=model.config.final_logit_softcapping)
             loss.backward()
             step_loss += float(loss.detach())
             signals.maybe_kill_for_test("micro", state["step"] + 1)

@@ -190,7 +190,7 @@ def test_cpu_uses_mask_path():
     assert not llama._varlen_supported(torch.device("cuda"), torch.float32)
 
 
-def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False):
+def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False, scale=None):
     """CPU stand-in with torch.nn.attention.varlen.varlen_attn's documented semantics: per sequence
     of cu_q, key j visible to query i iff i - left <= j <= i + right (-1 = unbounded); (-1, 0) is
     causal. Fails loudly if any token is left out of cu_seqlens (a real kernel would not write it)."""
@@ -212,7 +212,8 @@ def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1)
             allowed &= d <= left
         if right >= 0:
             allowed &= -d <= right
-        out[a:b] = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, attn_mask=allowed).transpose(0, 1)
+        out[a:b] = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, attn_mask=allowed,
+                                                                    scale=scale).transpose(0, 1)
     return out
 
 
