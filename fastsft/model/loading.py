@@ -265,10 +265,19 @@ def _load_nf4_layer(meta_linear: torch.nn.Linear, name: str, files: dict, dtype,
 # GGUF files: the architecture and config through transformers' GGUF reader, the tensors dequantised
 # by the gguf package one at a time (never the whole file in float32 at once)
 
-# general.architecture values fastsft loads; llama.cpp writes Mistral models as "llama".
-GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+# general.architecture values fastsft loads (those transformers' GGUF reader reads too: not Gemma 1's
+# "gemma"); llama.cpp writes Mistral models as "llama", and Gemma 3's text model, from any Gemma 3
+# checkpoint, as "gemma3".
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
+_GGUF_GEMMA = ("gemma2", "gemma3")
 _GGUF_INSTALL = "pip install 'fastsft[gguf]' (the gguf package)"
-# {arch}.<key> metadata that changes the math and that fastsft does not implement: refused, never ignored.
+# {arch}.<key> metadata that fastsft reads for some architectures (the value goes into the config) ...
+_GGUF_READ_KEYS = {
+    "attention.sliding_window": ("gemma2", "gemma3", "phi3"),
+    "attn_logit_softcapping": ("gemma2",),
+    "final_logit_softcapping": ("gemma2", "gemma3"),
+}
+# ... and metadata that changes the math and that fastsft does not implement: refused, never ignored.
 _GGUF_REFUSED_KEYS = {
     "attention.sliding_window": "sliding-window attention",
     "attention.scale": "a custom attention scale",
@@ -281,6 +290,10 @@ _GGUF_REFUSED_KEYS = {
 # Llama 3.x RoPE scaling as llama.cpp's converter writes it into rope_freqs.weight (the factor is read
 # off the tensor; these three are the same in every Llama 3.1/3.2/3.3 release).
 _LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+# RoPE tensors read into the config, not the state dict.
+_GGUF_ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 
 
 def is_gguf_path(path_or_id) -> bool:
@@ -345,14 +358,19 @@ def _gguf_rope_scaling(reader, arch: str, head_dim: int, rope_theta: float, path
 
     kind = _gguf_value(reader, f"{arch}.rope.scaling.type")
     scaling = None
+    factors = {t.name: t for t in reader.tensors if t.name in ("rope_factors_long.weight", "rope_factors_short.weight")}
+    if factors:
+        return _gguf_longrope(reader, arch, head_dim, factors, path)
     if kind not in (None, "none"):
-        if kind != "linear":
+        if kind not in ("linear", "yarn"):
             raise ValueError(f"{path}: unsupported rope scaling type {kind!r} in the GGUF metadata; fastsft loads "
-                             "GGUF files with default, linear or llama3 (rope_freqs) RoPE")
+                             "GGUF files with default, linear, yarn, llama3 (rope_freqs) or longrope (rope_factors) RoPE")
         factor = _gguf_value(reader, f"{arch}.rope.scaling.factor")
         if not isinstance(factor, (int, float)):
-            raise ValueError(f"{path}: linear rope scaling without {arch}.rope.scaling.factor in the GGUF metadata")
-        scaling = {"rope_type": "linear", "factor": float(factor)}
+            raise ValueError(f"{path}: {kind} rope scaling without {arch}.rope.scaling.factor in the GGUF metadata")
+        scaling = {"rope_type": kind, "factor": float(factor)}
+        if kind == "yarn":
+            scaling.update(_gguf_yarn(reader, arch, path))
     freqs = [t for t in reader.tensors if t.name == "rope_freqs.weight"]
     if not freqs:
         return scaling
@@ -377,6 +395,76 @@ def _gguf_rope_scaling(reader, arch: str, head_dim: int, rope_theta: float, path
     return {"rope_type": "llama3", "factor": factor, **_LLAMA3_ROPE}
 
 
+def _gguf_yarn(reader, arch: str, path: Path) -> dict:
+    """YaRN's parameters as llama.cpp's converter writes them (Qwen2.5/Qwen3 long-context releases): the
+    original context, and the beta corrections where given; the attention factor follows from the factor
+    as in transformers (0.1 ln(factor) + 1). Keys whose transformers meaning differs are refused."""
+    out = {}
+    ctx = _gguf_value(reader, f"{arch}.rope.scaling.original_context_length")
+    if not isinstance(ctx, int) or ctx <= 0:
+        raise ValueError(f"{path}: yarn rope scaling without {arch}.rope.scaling.original_context_length in the "
+                         "GGUF metadata")
+    out["original_max_position_embeddings"] = ctx
+    for key, name in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+        value = _gguf_value(reader, f"{arch}.rope.scaling.{key}")
+        if value is not None:
+            out[name] = float(value)
+    for key in ("yarn_log_multiplier", "yarn_ext_factor", "yarn_attn_factor", "attn_factor"):
+        value = _gguf_value(reader, f"{arch}.rope.scaling.{key}")
+        if value is not None and not (key == "attn_factor" and value == 1.0):
+            raise ValueError(f"{path}: the GGUF metadata sets {arch}.rope.scaling.{key} = {value} for yarn, which "
+                             "fastsft does not read from GGUF files; use the model's Hugging Face checkpoint")
+    return out
+
+
+def _gguf_longrope(reader, arch: str, head_dim: int, factors: dict, path: Path) -> dict:
+    """Phi-3's longrope as llama.cpp stores it: the per-frequency short/long divisors as the tensors
+    rope_factors_short/long.weight, the original context and the attention factor as metadata.
+    head_dim here is the rotated width (rope.dimension_count)."""
+    import numpy as np
+    from gguf import dequantize
+
+    if set(factors) != {"rope_factors_long.weight", "rope_factors_short.weight"}:
+        raise ValueError(f"{path}: longrope needs both rope_factors_long.weight and rope_factors_short.weight")
+    lists = {}
+    for name, t in factors.items():
+        values = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float64).reshape(-1)
+        if values.size != head_dim // 2:
+            raise ValueError(f"{path}: {name} has {values.size} values; the rotary width {head_dim} needs "
+                             f"{head_dim // 2}")
+        lists[name.split("_")[2].split(".")[0]] = [float(v) for v in values]
+    ctx = _gguf_value(reader, f"{arch}.rope.scaling.original_context_length")
+    if not isinstance(ctx, int) or ctx <= 0:
+        raise ValueError(f"{path}: longrope (rope_factors tensors) without "
+                         f"{arch}.rope.scaling.original_context_length in the GGUF metadata")
+    out = {"rope_type": "longrope", "short_factor": lists["short"], "long_factor": lists["long"],
+           "original_max_position_embeddings": ctx}
+    attn = _gguf_value(reader, f"{arch}.rope.scaling.attn_factor")
+    if attn is not None:
+        out["attention_factor"] = float(attn)
+    return out
+
+
+def _gguf_gemma_fields(reader, arch: str, hf: dict) -> None:
+    """What llama.cpp's Gemma graphs use and transformers' GGUF reader leaves at its config defaults: the
+    soft-caps from the metadata (absent: none), the attention scale by llama.cpp's rule (1/sqrt(head_dim),
+    or 1/sqrt(hidden / heads) for the 27B models: 46 layers in Gemma 2, 62 in Gemma 3), and Gemma 3's
+    local RoPE base (rope.freq_base_swa, else llama.cpp's 10000)."""
+    big = {"gemma2": 46, "gemma3": 62}[arch] == hf["num_hidden_layers"]
+    hf["query_pre_attn_scalar"] = hf["hidden_size"] // hf["num_attention_heads"] if big else hf["head_dim"]
+    hf["final_logit_softcapping"] = _gguf_value(reader, f"{arch}.final_logit_softcapping")
+    hf["sliding_window"] = _gguf_value(reader, f"{arch}.attention.sliding_window")
+    hf.pop("layer_types", None)  # llama.cpp's patterns are transformers' defaults: every 2nd (6th) layer global
+    if arch == "gemma2":
+        hf["attn_logit_softcapping"] = _gguf_value(reader, f"{arch}.attn_logit_softcapping")
+    else:
+        hf["rope_local_base_freq"] = float(_gguf_value(reader, f"{arch}.rope.freq_base_swa") or 10000.0)
+        hf["sliding_window_pattern"] = 6
+        global_rope = dict((hf.get("rope_parameters") or {}).get("full_attention") or {})
+        hf["rope_theta"] = global_rope.get("rope_theta", hf.get("rope_theta", 1e6))
+        hf["rope_parameters"] = None  # rebuilt from rope_theta / rope_local_base_freq / rope_scaling below
+
+
 @functools.lru_cache(maxsize=1)
 def _read_gguf(path: str, mtime_ns: int, size: int):
     """(GGUFReader, ModelConfig) of one file, parsed once per process (preflight, then load_model); the
@@ -388,7 +476,7 @@ def _read_gguf(path: str, mtime_ns: int, size: int):
         raise ValueError(f"{p}: GGUF architecture {arch!r} is not supported; fastsft loads GGUF files of: "
                          f"{', '.join(GGUF_ARCHITECTURES)} (Mistral GGUFs are llama)")
     for key, what in _GGUF_REFUSED_KEYS.items():
-        if f"{arch}.{key}" in reader.fields:
+        if f"{arch}.{key}" in reader.fields and arch not in _GGUF_READ_KEYS.get(key, ()):
             raise ValueError(f"{p}: the GGUF metadata sets {arch}.{key} ({what}), which fastsft does not read from "
                              "GGUF files; use the model's Hugging Face checkpoint")
     if (_gguf_value(reader, f"{arch}.expert_count") or 0) > 0:
@@ -412,14 +500,29 @@ def _read_gguf(path: str, mtime_ns: int, size: int):
     if key_len is not None and value_len is not None and key_len != value_len:
         raise ValueError(f"{p}: attention key_length {key_len} != value_length {value_len} is not supported")
     hf["head_dim"] = int(key_len or hf["hidden_size"] // hf["num_attention_heads"])
-    rot = _gguf_value(reader, f"{arch}.rope.dimension_count")
-    if rot is not None and rot != hf["head_dim"]:
-        raise ValueError(f"{p}: partial RoPE ({rot} of {hf['head_dim']} dimensions) is not supported by fastsft")
-    rope_theta = (hf.get("rope_parameters") or {}).get("rope_theta") or hf.get("rope_theta") or 10000.0
-    scaling = _gguf_rope_scaling(reader, arch, hf["head_dim"], float(rope_theta), p)
+    rot = _gguf_value(reader, f"{arch}.rope.dimension_count") or hf["head_dim"]
+    if rot != hf["head_dim"]:
+        if arch != "phi3":
+            raise ValueError(f"{p}: partial RoPE ({rot} of {hf['head_dim']} dimensions) is not supported by fastsft "
+                             f"for {arch}")
+        hf["partial_rotary_factor"] = rot / hf["head_dim"]  # Phi-4-mini: 96 of 128
+    if arch in _GGUF_GEMMA:
+        _gguf_gemma_fields(reader, arch, hf)
+    if arch == "phi3":
+        hf["sliding_window"] = _gguf_value(reader, f"{arch}.attention.sliding_window")
+        hf.pop("rope_scaling", None)
+        hf["original_max_position_embeddings"] = None  # the rope_factors' own (metadata), if any
+    rope_params = hf.get("rope_parameters") or {}
+    rope_theta = rope_params.get("rope_theta") or hf.get("rope_theta") or 10000.0
+    scaling = _gguf_rope_scaling(reader, arch, rot, float(rope_theta), p)
     if scaling is not None:  # in both layouts (transformers 4's rope_scaling, 5's rope_parameters), base included
         hf["rope_theta"] = rope_theta
         hf["rope_scaling"] = hf["rope_parameters"] = {"rope_theta": rope_theta, **scaling}
+    elif arch in ("gemma3", "phi3"):
+        hf["rope_scaling"] = None
+        hf["rope_parameters"] = {"rope_type": "default", "rope_theta": rope_theta}
+    if "partial_rotary_factor" in hf and isinstance(hf.get("rope_parameters"), dict):
+        hf["rope_parameters"]["partial_rotary_factor"] = hf["partial_rotary_factor"]
     try:
         config = ModelConfig.from_hf_dict(hf)
     except (ValueError, KeyError, TypeError) as e:
@@ -486,7 +589,7 @@ def _load_gguf_model(path: Path, dtype: torch.dtype, device, *, load_in_4bit: bo
         expected.pop("lm_head.weight", None)
     to_key = _gguf_tensor_names(model, arch)
     unexpected = [t.name for t in reader.tensors if to_key.get(t.name) not in expected and
-                  to_key.get(t.name) not in qweights and t.name != "rope_freqs.weight"]  # read with the config
+                  to_key.get(t.name) not in qweights and t.name not in _GGUF_ROPE_TENSORS]  # read with the config
     if unexpected:
         some = ", ".join(repr(k) for k in sorted(unexpected)[:5])
         more = f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
@@ -507,6 +610,8 @@ def _load_gguf_model(path: Path, dtype: torch.dtype, device, *, load_in_4bit: bo
         except NotImplementedError as e:
             raise ValueError(f"{path}: tensor {t.name}: {e}; update the gguf package or use another "
                              "quantisation of the model") from None
+        if arch in _GGUF_GEMMA and key.endswith("norm.weight"):
+            w = w - 1.0  # llama.cpp's converter stores Gemma's (1 + w) norm weights with the 1 added
         if arch == "llama" and key.endswith(("q_proj.weight", "q_proj.bias")):
             w = _unpermute_qk(w, config.num_attention_heads)
         elif arch == "llama" and key.endswith(("k_proj.weight", "k_proj.bias")):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -72,7 +73,8 @@ def write_gguf(path, hf, arch, qtype=None, *, name=None, fields=(), tensors=(), 
     qtype = Q.F32 if qtype is None else qtype
     c = hf.config
     hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    theta = (getattr(c, "rope_parameters", None) or {}).get("rope_theta") or c.rope_theta
+    params = getattr(c, "rope_parameters", None) or {}
+    theta = params.get("full_attention", params).get("rope_theta") or c.rope_theta
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name(name or f"tiny {arch}")
     w.add_context_length(c.max_position_embeddings)
@@ -85,7 +87,9 @@ def write_gguf(path, hf, arch, qtype=None, *, name=None, fields=(), tensors=(), 
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_key_length(hd)
     w.add_value_length(hd)
-    w.add_rope_dimension_count(hd)
+    rope = getattr(c, "rope_parameters", None) or {}
+    rope = rope.get("full_attention", rope)  # Gemma 3: per layer kind
+    w.add_rope_dimension_count(int(hd * (rope.get("partial_rotary_factor") or 1.0)))
     w.add_vocab_size(c.vocab_size)
     tokens = _byte_chars() + SPECIALS
     tokens += [f"<unused{i}>" for i in range(c.vocab_size - len(tokens))]
@@ -107,6 +111,8 @@ def write_gguf(path, hf, arch, qtype=None, *, name=None, fields=(), tensors=(), 
         module, _, suffix = key.rpartition(".")
         gname = f"{names.get_name(module)}.{suffix}"
         a = t.detach().float().numpy()
+        if arch.startswith("gemma") and key.endswith("norm.weight"):
+            a = a + 1.0  # llama.cpp's Gemma converters store (1 + w)
         if arch == "llama" and ".q_proj." in key:
             a = _permute(a, c.num_attention_heads)
         if arch == "llama" and ".k_proj." in key:
@@ -170,6 +176,76 @@ def test_gguf_loads_as_transformers_reads_it(case, tmp_path):
         src = hf.state_dict()
         for k, v in ours.state_dict().items():
             assert torch.equal(v, src[k]), k
+
+
+def _longrope(n):
+    return {"short_factor": [1.0 + 0.1 * i for i in range(n)], "long_factor": [1.5 + 0.2 * i for i in range(n)]}
+
+
+FAMILY_CASES = {  # name: (model_type, gguf architecture, tensor type, config overrides, writer fields, T)
+    # llama.cpp's attention scale for Gemma 2/3 below 27B is 1/sqrt(head_dim): query_pre_attn_scalar = head_dim
+    "gemma2-f32": ("gemma2", "gemma2", "F32",
+                   dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=6, attn_logit_softcapping=5.0,
+                        tie_word_embeddings=True,
+                        final_logit_softcapping=7.0),
+                   [("add_sliding_window", 6), ("add_attn_logit_softcapping", 5.0),
+                    ("add_final_logit_softcapping", 7.0)], 19),
+    "gemma3-q8_0": ("gemma3_text", "gemma3", "Q8_0",
+                    dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=6, num_hidden_layers=7,
+                         tie_word_embeddings=True,
+                         final_logit_softcapping=None,
+                         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                                          "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+                    [("add_sliding_window", 6), ("add_rope_scaling_type", "linear"), ("add_rope_scaling_factor", 2.0)],
+                    19),
+    "phi3-f32": ("phi3", "phi3", "F32", dict(pad_token_id=0, sliding_window=9), [("add_sliding_window", 9)], 19),
+    # Phi-4-mini's layout: 3/4 of each head rotated, longrope past a 32-token original context (T = 40)
+    "phi4-longrope": ("phi3", "phi3", "F32",
+                      dict(pad_token_id=0, max_position_embeddings=64, original_max_position_embeddings=32,
+                           rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                            "partial_rotary_factor": 0.75, **_longrope(6)}),
+                      [("add_rope_scaling_orig_ctx_len", 32), ("add_rope_scaling_attn_factors", 1.1)], 40),
+    "qwen2-yarn": ("qwen2", "qwen2", "F32",
+                   dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                                         "rope_theta": 10000.0, "beta_fast": 16.0, "beta_slow": 2.0}),
+                   [("add_rope_scaling_type", "yarn"), ("add_rope_scaling_factor", 4.0),
+                    ("add_rope_scaling_orig_ctx_len", 32), ("add_rope_scaling_yarn_beta_fast", 16.0),
+                    ("add_rope_scaling_yarn_beta_slow", 2.0)], 19),
+}
+
+
+@needs_gguf
+@pytest.mark.parametrize("case", list(FAMILY_CASES))
+def test_gguf_families_load_as_written(case, tmp_path):
+    """Gemma 2/3, Phi-3 (fused qkv / gate_up, longrope factors as tensors, partial rotary) and YaRN
+    metadata, as llama.cpp writes them, load to the model they were written from."""
+    model_type, arch, qtype, overrides, fields, T = FAMILY_CASES[case]
+    hf = tiny_hf(model_type, **overrides)
+    if case == "phi4-longrope":  # llama.cpp writes the attention factor; make the source use the same
+        hf.config.rope_parameters["attention_factor"] = 1.1
+        hf = _reloaded(hf, tmp_path)
+    fields = [(m, getattr(gguf.RopeScalingType, v.upper()) if m == "add_rope_scaling_type" else v)
+              for m, v in fields]
+    tensors = []
+    if case == "phi4-longrope":
+        tensors = [(f"rope_factors_{k}.weight", np.asarray(v, dtype=np.float32))
+                   for k, v in (("long", _longrope(6)["long_factor"]), ("short", _longrope(6)["short_factor"]))]
+    path = write_gguf(tmp_path / f"{case}.gguf", hf, arch, Q[qtype], fields=fields, tensors=tensors)
+    ours = load_model(path).eval()
+    assert ours.config.model_type == model_type
+    ids = torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(0))
+    atol = {"F32": 1e-5, "Q8_0": 5e-2}[qtype]
+    torch.testing.assert_close(logits(ours, ids), logits(hf, ids), atol=atol, rtol=0)
+    if qtype == "F32":  # lossless but for Gemma's stored (1 + w) norms
+        src = hf.state_dict()
+        for k, v in ours.state_dict().items():
+            torch.testing.assert_close(v, src[k], atol=1e-6, rtol=0, msg=k)
+
+
+def _reloaded(hf, tmp_path):
+    d = tmp_path / "src"
+    hf.save_pretrained(d)
+    return transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
 
 
 @needs_gguf
@@ -252,25 +328,29 @@ def test_tokenizer_and_chat_template_come_from_the_file(tmp_path):
 def _refusal_files(tmp_path):
     hf = tiny_hf("llama")
     bad_freqs = _llama3_rope_freqs(10000.0, 16, 8.0, high=2.0)  # not the llama3 rule fastsft recognises
-    yield "gemma2", _gemma_file(tmp_path), "GGUF architecture 'gemma2' is not supported; fastsft loads GGUF files of"
+    yield "phi2", _phi2_file(tmp_path), "GGUF architecture 'phi2' is not supported; fastsft loads GGUF files of"
     yield "i8", write_gguf(tmp_path / "i8.gguf", hf, "llama", raw_types=[("blk.0.attn_q.weight", Q.I8)]), \
         "GGUF tensor type I8 (e.g. blk.0.attn_q.weight) cannot be dequantised"
     yarn = [("add_rope_scaling_type", gguf.RopeScalingType.YARN), ("add_rope_scaling_factor", 4.0)]
-    yield "yarn", write_gguf(tmp_path / "y.gguf", hf, "llama", fields=yarn), "unsupported rope scaling type 'yarn'"
+    yield "yarn", write_gguf(tmp_path / "y.gguf", hf, "llama", fields=yarn), \
+        "yarn rope scaling without llama.rope.scaling.original_context_length"
+    yarn_log = yarn + [("add_rope_scaling_orig_ctx_len", 32), ("add_rope_scaling_yarn_log_mul", 0.1)]
+    yield "yarn-log-mul", write_gguf(tmp_path / "yl.gguf", hf, "llama", fields=yarn_log), \
+        "llama.rope.scaling.yarn_log_multiplier = 0.1"
     yield "window", write_gguf(tmp_path / "w.gguf", hf, "llama", fields=[("add_sliding_window", 64)]), \
         "llama.attention.sliding_window (sliding-window attention)"
     yield "freqs", write_gguf(tmp_path / "f.gguf", hf, "llama", tensors=[("rope_freqs.weight", bad_freqs)]), \
         "rope_freqs.weight is not Llama 3 RoPE scaling"
 
 
-def _gemma_file(tmp_path):
-    w = gguf.GGUFWriter(str(tmp_path / "gemma.gguf"), "gemma2")
+def _phi2_file(tmp_path):
+    w = gguf.GGUFWriter(str(tmp_path / "phi2.gguf"), "phi2")
     w.add_block_count(1)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return tmp_path / "gemma.gguf"
+    return tmp_path / "phi2.gguf"
 
 
 @needs_gguf
@@ -336,9 +416,9 @@ def test_cli_trains_from_a_gguf_file_and_exports_it(tmp_path):
 
 @needs_gguf
 def test_cli_unsupported_gguf_is_one_line(tmp_path):
-    line = one_line_error(fastsft("train", "--model", _gemma_file(tmp_path), "--output", tmp_path / "run"),
+    line = one_line_error(fastsft("train", "--model", _phi2_file(tmp_path), "--output", tmp_path / "run"),
                           "fastsft train: error: model.path")
-    assert "GGUF architecture 'gemma2' is not supported" in line
+    assert "GGUF architecture 'phi2' is not supported" in line
 
 
 def test_gguf_package_missing_is_one_line(tmp_path, monkeypatch):
