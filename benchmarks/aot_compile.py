@@ -27,8 +27,8 @@
    counts when a launched kernel calls it; it is compiled inside that kernel).
 
 This runs without TRITON_INTERPRET (the interpreter would replace the compiler); the test
-(tests/kernels/test_aot_compile.py) runs it as a subprocess with that variable removed. About 30 s on 2
-CPU cores (two compiling processes; ~600 compiles).
+(tests/kernels/test_aot_compile.py) runs it as a subprocess with that variable removed. About 60 s on 2
+CPU cores (two compiling processes; ~1000 compiles).
 """
 
 from __future__ import annotations
@@ -228,23 +228,39 @@ class Capture:
         launcher(*args, **kwargs)
 
 
+# Gemma 2/3's norm sizes where their block differs from every size of MODELS: head_dim 256 (its q/k norms)
+# and gemma-3-27b's hidden 5376 (a block of 8192, as gemma-2-27b's 4608). Captured with Gemma's (1 + w)
+# variant only (unit_offset=True), the one their norms use.
+GEMMA_NORM_SIZES = (256, 5376)
+
+
 def _capture_rms_norm(cap: Capture, m: ModelShape, dtype):
+    # the decoder's norms over hidden and Qwen3's/Gemma 3's q/k norms over head_dim, each in Llama's
+    # variant and Gemma's (1 + w) one (unit_offset, a constexpr of the same kernels), then Gemma's own sizes
+    for d in (m.hidden, m.head_dim):
+        for unit_offset in (False, True):
+            _capture_rms_norm_at(cap, f"{m.name} ", d, dtype, unit_offset)
+    for d in GEMMA_NORM_SIZES:
+        _capture_rms_norm_at(cap, "gemma ", d, dtype, True)
+
+
+def _capture_rms_norm_at(cap: Capture, name: str, d: int, dtype, unit_offset: bool):
     import torch
 
     from fastsft.kernels import rms_norm
 
-    # the decoder's norms over hidden and Qwen3's q/k norms over head_dim; the weight in the activation
-    # dtype or kept in float32 (y is then float32)
-    for d in (m.hidden, m.head_dim):
-        for w_dtype in dict.fromkeys((dtype, torch.float32)):
-            w = torch.empty(d, dtype=w_dtype)
-            label = f"{m.name} {_short(dtype)} D={d} w={_short(w_dtype)}"
-            cap.call(f"rms_norm_forward {label}", rms_norm.rms_norm_forward,
-                     torch.empty(4, d, dtype=dtype), w, 1e-6)
-            for n in TOKENS:
-                x = torch.empty(n, d, dtype=dtype)  # never touched: torch.empty only reserves
-                cap.call(f"rms_norm_backward {label} N={n}", rms_norm.rms_norm_backward,
-                         x, x, w, torch.empty(n, dtype=torch.float32))
+    # the weight in the activation dtype or kept in float32 (y is then float32 for Llama's variant; Gemma's
+    # stays in x's dtype)
+    variant = " unit_offset" if unit_offset else ""
+    for w_dtype in dict.fromkeys((dtype, torch.float32)):
+        w = torch.empty(d, dtype=w_dtype)
+        label = f"{name}{_short(dtype)} D={d} w={_short(w_dtype)}{variant}"
+        cap.call(f"rms_norm_forward {label}", rms_norm.rms_norm_forward,
+                 torch.empty(4, d, dtype=dtype), w, 1e-6, unit_offset=unit_offset)
+        for n in TOKENS:
+            x = torch.empty(n, d, dtype=dtype)  # never touched: torch.empty only reserves
+            cap.call(f"rms_norm_backward {label} N={n}", rms_norm.rms_norm_backward,
+                     x, x, w, torch.empty(n, dtype=torch.float32), unit_offset=unit_offset)
 
 
 def _capture_rope(cap: Capture, m: ModelShape, dtype):

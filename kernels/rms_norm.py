@@ -1,14 +1,28 @@
-"""RMSNorm on the GPU, matching Hugging Face ``LlamaRMSNorm`` including its casts.
+"""RMSNorm on the GPU, matching Hugging Face ``LlamaRMSNorm`` including its casts, or with
+``unit_offset`` Gemma's (``GemmaRMSNorm``, ``Gemma2RMSNorm``, ``Gemma3RMSNorm``), including theirs.
+
+Llama (``unit_offset=False``):
 
     r    = rsqrt(mean_j x_j^2 + eps)               float32
     xhat = x r                                     float32, then rounded to x.dtype (HF's cast)
     y    = w * xhat                                in result_type(x, w) (fp32 math, one rounding)
 
-Backward (float32; the rounding of xhat passes gradients through unchanged):
+Gemma (``unit_offset=True``; its weights start at 0, the scale is 1 + w):
 
-    dxhat = dy w
+    r    = rsqrt(mean_j x_j^2 + eps)               float32
+    xhat = x r                                     float32, not rounded
+    y    = xhat (1 + w)                            (1 + w) in float32, y rounded once to x.dtype (whatever w's)
+
+Backward (float32; the rounding of xhat, Llama's only, passes gradients through unchanged), with the
+scale s = w (Llama) or s = 1 + w (Gemma):
+
+    dxhat = dy s
     dx    = r (dxhat - xhat mean_j(dxhat_j xhat_j))
-    dw    = sum_rows dy xhat                       (xhat rounded as in the forward, fp32 accumulation)
+    dw    = sum_rows dy xhat                       (xhat as the forward used it: rounded for Llama,
+                                                    unrounded for Gemma; fp32 accumulation, w's dtype)
+
+The variant is a ``tl.constexpr`` (UNIT_OFFSET) of the same two kernels: a compile-time branch, so
+Llama's specialisations compile to the code they did before the flag existed.
 
 Layout: one program per row in the forward (the row lives in registers, D masked up to a power of
 two); the backward runs a fixed number of programs, as many as the SMs keep resident, each looping
@@ -21,7 +35,8 @@ programs: 264 on an H100 at D=4096). Memory-bound: N=16k, D=4096, bf16 moves ~27
 ~400 MB backward, ~0.2 ms at 3.3 TB/s. torch's eager version makes ~6 passes over N D fp32
 temporaries each way.
 
-References: HF transformers ``LlamaRMSNorm``; Liger-Kernel ``ops/rms_norm.py``; Triton tutorial 05.
+References: HF transformers ``LlamaRMSNorm`` and ``Gemma2RMSNorm``; Liger-Kernel ``ops/rms_norm.py``
+(its ``offset``/``casting_mode="gemma"``); Triton tutorial 05.
 """
 
 from __future__ import annotations
@@ -86,6 +101,7 @@ def _rms_norm_forward_kernel(
     eps,
     # Meta-parameters
     BLOCK_SIZE: tl.constexpr,
+    UNIT_OFFSET: tl.constexpr,  # Gemma: y = xhat (1 + w), xhat not rounded; else Llama's casts
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_SIZE)
@@ -94,8 +110,14 @@ def _rms_norm_forward_kernel(
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     xf = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps)
-    xhat = (xf * rstd).to(x.dtype).to(tl.float32)  # HF: hidden_states.to(input_dtype) before * weight
-    tl.store(y_ptr + row * stride_y + cols, (w * xhat).to(y_ptr.dtype.element_ty), mask=mask)
+    # (a store in each branch: Llama's statement as it was, so that its code is instruction for instruction
+    # what it was before the flag; computing y first reorders the address arithmetic and ptxas's registers)
+    if UNIT_OFFSET:
+        y = (xf * rstd) * (1.0 + w)  # Gemma: output * (1.0 + weight.float()), then .type_as(x)
+        tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        xhat = (xf * rstd).to(x.dtype).to(tl.float32)  # HF: hidden_states.to(input_dtype) before * weight
+        tl.store(y_ptr + row * stride_y + cols, (w * xhat).to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(rstd_ptr + row, rstd)
 
 
@@ -117,11 +139,14 @@ def _rms_norm_backward_kernel(
     rows_per_program,
     # Meta-parameters
     BLOCK_SIZE: tl.constexpr,
+    UNIT_OFFSET: tl.constexpr,  # Gemma: the scale is 1 + w and xhat is not rounded
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_SIZE)
     mask = cols < D
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if UNIT_OFFSET:
+        w = 1.0 + w  # the scale s (1 in the masked tail, where dy is 0)
     dw_acc = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
     row_start = pid.to(tl.int64) * rows_per_program  # int64: the loop variable inherits it
     row_end = tl.minimum(row_start + rows_per_program, N)
@@ -130,8 +155,11 @@ def _rms_norm_backward_kernel(
         dy = tl.load(dy_ptr + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(rstd_ptr + row)
         xhat = x.to(tl.float32) * rstd
-        # ---- dw sees xhat as the forward rounded it; dx goes straight through the rounding
-        dw_acc += dy * xhat.to(x.dtype).to(tl.float32)
+        # ---- dw sees xhat as the forward used it (Llama's rounded); dx goes straight through the rounding
+        if UNIT_OFFSET:
+            dw_acc += dy * xhat
+        else:
+            dw_acc += dy * xhat.to(x.dtype).to(tl.float32)
         dxhat = dy * w
         dx = rstd * (dxhat - xhat * (tl.sum(dxhat * xhat, axis=0) / D))
         tl.store(dx_ptr + row * stride_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
@@ -167,8 +195,11 @@ def _num_programs(device: torch.device, n_rows: int, num_warps: int) -> int:
     return max(1, min(programs, n_rows))
 
 
-def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y, rstd)``: y shaped like x in ``result_type(x, weight)``, rstd (N,) float32 over rows."""
+def rms_norm_forward(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, rstd)``: y shaped like x in ``result_type(x, weight)`` (Llama) or x's dtype (``unit_offset``:
+    Gemma), rstd (N,) float32 over rows."""
     d = x.shape[-1]
     if weight.shape != (d,):
         raise ValueError(f"weight must have shape ({d},), got {tuple(weight.shape)}")
@@ -176,22 +207,24 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     n = x2.shape[0]
-    y = torch.empty((n, d), dtype=torch.result_type(x, weight), device=x.device)
+    y_dtype = x.dtype if unit_offset else torch.result_type(x, weight)
+    y = torch.empty((n, d), dtype=y_dtype, device=x.device)
     rstd = torch.empty(n, dtype=torch.float32, device=x.device)
     if n > 0:
         block = _block_size(d)
         _rms_norm_forward_kernel[(n,)](
             y, x2, weight.contiguous(), rstd,
             y.stride(0), x2.stride(0), d, float(eps),
-            BLOCK_SIZE=block, num_warps=_num_warps(block),
+            BLOCK_SIZE=block, UNIT_OFFSET=bool(unit_offset), num_warps=_num_warps(block),
         )
     return y.reshape(x.shape), rstd
 
 
 def rms_norm_backward(
-    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, unit_offset: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dx, dw)`` in the dtypes of x and weight, dw summed over rows in float32."""
+    """``(dx, dw)`` in the dtypes of x and weight, dw summed over rows in float32 (``unit_offset``: the
+    Gemma variant, as in ``rms_norm_forward``)."""
     d = x.shape[-1]
     x2 = x.reshape(-1, d)
     if x2.stride(-1) != 1:
@@ -212,7 +245,7 @@ def rms_norm_backward(
     _rms_norm_backward_kernel[(programs,)](
         dx, dw_partial, dy2, x2, weight.contiguous(), rstd,
         dx.stride(0), dy2.stride(0), x2.stride(0), n, d, rows_per_program,
-        BLOCK_SIZE=block, num_warps=num_warps, maxnreg=BACKWARD_MAX_REGISTERS,
+        BLOCK_SIZE=block, UNIT_OFFSET=bool(unit_offset), num_warps=num_warps, maxnreg=BACKWARD_MAX_REGISTERS,
     )
     return dx.reshape(x.shape), dw_partial.sum(0).to(weight.dtype)
 
@@ -222,33 +255,40 @@ def rms_norm_backward(
 
 
 class RMSNormFunction(torch.autograd.Function):
-    """``apply(x, weight, eps) -> y``; see the module docstring."""
+    """``apply(x, weight, eps, unit_offset=False) -> y``; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps):
-        y, rstd = rms_norm_forward(x, weight, eps)
+    def forward(ctx, x, weight, eps, unit_offset=False):
+        unit_offset = bool(unit_offset)
+        y, rstd = rms_norm_forward(x, weight, eps, unit_offset=unit_offset)
         ctx.save_for_backward(x, weight, rstd)
+        ctx.unit_offset = unit_offset
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
-        dx, dw = rms_norm_backward(dy, x, weight, rstd)
-        return (dx if ctx.needs_input_grad[0] else None), (dw if ctx.needs_input_grad[1] else None), None
+        dx, dw = rms_norm_backward(dy, x, weight, rstd, unit_offset=ctx.unit_offset)
+        return (dx if ctx.needs_input_grad[0] else None), (dw if ctx.needs_input_grad[1] else None), None, None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """RMSNorm over the last dimension of ``x`` (..., D) with ``weight`` (D,), as HF Llama computes it."""
-    return RMSNormFunction.apply(x, weight, eps)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, unit_offset: bool = False) -> torch.Tensor:
+    """RMSNorm over the last dimension of ``x`` (..., D) with ``weight`` (D,), as HF Llama computes it, or
+    with ``unit_offset`` as HF Gemma/Gemma2/Gemma3 do: ``(xhat * (1 + w.float())).type_as(x)``."""
+    return RMSNormFunction.apply(x, weight, eps, bool(unit_offset))
 
 
 # ----------------------------------------------------------------------------------------------------
 # reference
 
 
-def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Plain PyTorch, line for line HF ``LlamaRMSNorm.forward`` (float64 stays float64: the test oracle)."""
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, unit_offset: bool = False) -> torch.Tensor:
+    """Plain PyTorch, line for line HF ``LlamaRMSNorm.forward``, or with ``unit_offset``
+    ``Gemma2RMSNorm.forward`` (float64 stays float64: the test oracle)."""
     input_dtype = x.dtype
     h = x.to(torch.float32) if input_dtype != torch.float64 else x
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if unit_offset:
+        w = weight.to(torch.float32) if input_dtype != torch.float64 else weight
+        return (h * (1.0 + w)).type_as(x)
     return weight * h.to(input_dtype)

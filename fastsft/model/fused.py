@@ -135,8 +135,10 @@ def _check_piece(piece: str, device: torch.device, dtype: torch.dtype, autocast_
     elif piece == "rms_norm":
         from fastsft.kernels.rms_norm import rms_norm, rms_norm_ref
 
-        _grads_match(lambda x, w: rms_norm(x, w, 1e-6), lambda x, w: rms_norm_ref(x, w, 1e-6),
-                     [torch.randn(37, 96, generator=g), 1 + 0.1 * torch.randn(96, generator=g)], device, dtype)
+        for offset in (False, True):  # Llama's casts, Gemma's (1 + w) in float32
+            _grads_match(lambda x, w: rms_norm(x, w, 1e-6, unit_offset=offset),
+                         lambda x, w: rms_norm_ref(x, w, 1e-6, unit_offset=offset),
+                         [torch.randn(37, 96, generator=g), 1 + 0.1 * torch.randn(96, generator=g)], device, dtype)
     elif piece == "rope":
         from fastsft.kernels.rope import apply_rope, apply_rope_ref
 

@@ -258,16 +258,14 @@ class RMSNorm(nn.Module):
     kernel_choice = KernelChoice()  # fastsft.model.fused.configure_kernels sets it per model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.unit_offset:
-            # the Triton kernel implements Llama's casts only
-            kernel_usage.record("rms_norm", "reference", "Gemma's (1 + w) RMSNorm has no Triton kernel yet")
-            h = x.float()
-            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-            return (h * (1.0 + self.weight.float())).type_as(x)
         if self.kernel_choice.use("rms_norm", x):
             from fastsft.kernels.rms_norm import rms_norm
 
-            return rms_norm(x, self.weight, self.variance_epsilon)
+            return rms_norm(x, self.weight, self.variance_epsilon, unit_offset=self.unit_offset)
+        if self.unit_offset:
+            h = x.float()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+            return (h * (1.0 + self.weight.float())).type_as(x)
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
