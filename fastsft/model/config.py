@@ -106,6 +106,7 @@ HF_FIELDS: dict[str, Union[str, tuple]] = {
     "max_window_layers": READ,  # qwen2/qwen3
     "layer_types": READ,  # qwen2/qwen3/gemma2/gemma3_text (Mistral's and Phi-3's modeling code ignore it)
     "sliding_window_pattern": READ,  # gemma3_text's older spelling of layer_types (every n-th layer global)
+    "_sliding_window_pattern": INERT,  # Gemma3TextConfig's private copy of it (layer_types decides)
     "hidden_act": READ,  # one of SUPPORTED_ACTIVATIONS (or "swish"); gemma2/gemma3_text read hidden_activation
     "hidden_activation": READ,
     # Gemma
@@ -526,7 +527,9 @@ class ModelConfig:
                 raise ValueError("gemma3_text: scaled RoPE on the sliding-window layers is not supported by fastsft "
                                  f"(rope_parameters.sliding_attention = {local})")
             local_theta = local.get("rope_theta", d["rope_local_base_freq"])
-            rope = dict(per_kind.get("full_attention") or {}) if per_kind else dict(rope_params or {})
+            # a flat rope_parameters is not read for gemma3_text (transformers 5 wants the per-kind layout,
+            # 4 reads rope_theta/rope_scaling only): the global layers take rope_theta and rope_scaling
+            rope = dict(per_kind.get("full_attention") or {})
             rope.update(rope_scaling or {})
         else:
             rope = dict(rope_scaling or rope_params or {})
@@ -541,9 +544,16 @@ class ModelConfig:
         partial = 1.0 if partial is None else partial
         if mt != "phi3" and partial not in (1, 1.0):
             raise _refused("config.json", "partial_rotary_factor", partial, (None, 1, 1.0))
+        if mt == "phi3":  # Phi3Config: "su" and "yarn" are older names of longrope; no other type is taken
+            phi3_type = rope.pop("type", None) or rope.get("rope_type", "default")
+            phi3_type = "longrope" if phi3_type in ("su", "yarn") else phi3_type
+            if phi3_type not in ("default", "longrope"):
+                raise ValueError(f"phi3: rope type {phi3_type!r} is not one transformers' Phi3Config takes "
+                                 "('default', 'longrope')")
+            rope["rope_type"] = phi3_type
         rope_type = rope.get("rope_type", rope.get("type"))
         if ROPE_TYPE_ALIASES.get(rope_type, rope_type) in _ROPE_TYPES_WITH_ORIGINAL_CTX \
-                and d.get("original_max_position_embeddings") is not None:
+                and d.get("original_max_position_embeddings") is not None and mt != "gemma3_text":
             # transformers 5 gives a top-level original_max_position_embeddings (Phi-3's spelling) precedence
             rope["original_max_position_embeddings"] = d["original_max_position_embeddings"]
 
