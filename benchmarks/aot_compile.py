@@ -341,6 +341,20 @@ def _capture_fused_linear_cross_entropy(cap: Capture, m: ModelShape, dtype):
         cap.call(f"fused_linear_cross_entropy_backward {label}", flce.fused_linear_cross_entropy_backward,
                  torch.ones(n), h, weight, None, targets, torch.zeros(n), need=(True, False, False),
                  chunk_rows=chunk, **opts)
+    # the KL anchor to a base model (HAS_BASE: a second chunk of logits, half the rows a chunk, half the
+    # V tile): the same three launches
+    kl_chunk = 4 + flce._kl_chunk_rows(m.vocab, dtype) % 4
+    n = 4 * kl_chunk + 1
+    h, targets = torch.zeros(n, d, dtype=dtype), torch.zeros(n, dtype=torch.long)
+    for opts_name, opts in (("", {}), (" smoothing+z_loss+softcap", everything)):
+        label = f"{m.name} {_short(dtype)} kl{opts_name}"
+        cap.call(f"fused_linear_cross_entropy_kl_forward train {label}", flce.fused_linear_cross_entropy_kl_forward,
+                 h, h, weight, None, targets, kl_beta=0.1, need=(True, False, False), chunk_rows=kl_chunk, **opts)
+        cap.call(f"fused_linear_cross_entropy_kl_forward eval {label}", flce.fused_linear_cross_entropy_kl_forward,
+                 h, h, weight, None, targets, kl_beta=0.1, need=(False, False, False), chunk_rows=kl_chunk, **opts)
+        cap.call(f"fused_linear_cross_entropy_kl_backward {label}", flce.fused_linear_cross_entropy_kl_backward,
+                 torch.ones(n), h, h, weight, None, targets, torch.zeros(n), torch.zeros(n), kl_beta=0.1,
+                 need=(True, False, False), chunk_rows=kl_chunk, **opts)
 
 
 CAPTURES = (_capture_rms_norm, _capture_rope, _capture_swiglu, _capture_geglu, _capture_nf4,

@@ -5,6 +5,20 @@
 plus optional label smoothing and z-loss. The model returns hidden states and this module computes
 the logits chunk by chunk, so the full ``[tokens x vocab]`` logits never exist in memory.
 
+KL anchor to a base model (``base_hidden``, ``kl_beta``): the base's hidden states through the same head
+give z_base, and each row adds beta times the forward KL from the base to the tuned model,
+
+    kl_i   = sum_j p_base,ij (log p_base,ij - log p_ij) = sum_j p_base,ij (z_base,ij - z_ij) - lse_base,i + lse_i
+    d kl_i / d z_ij = p_ij - p_base,ij        (z_base is a constant: no gradient reaches the base)
+
+so the gradient w.r.t. the tuned logits of CE + beta KL is (1 + beta) p - onehot(y) - beta p_base, written
+chunk by chunk like the CE's: no ``[tokens x vocab]`` tensor of either model. ``kl_mask`` extends the KL
+to rows without a label (prompt tokens; their CE term is 0); beta = 0 is the plain CE path, bit for bit.
+Both paths have it: the reference below (chunks of half the rows, one of each model), and the Triton
+kernel's HAS_BASE variant (one pass over both chunks for lse, lse_base and the KL, one writing the
+gradient; chunks of half the rows, so the two logit chunks fit the plain path's CHUNK_BYTES); the
+dispatch is the plain loss's.
+
 This file holds the plain PyTorch implementation: the CPU path, the oracle for the Triton kernel in
 ``fastsft.kernels`` and the ablation in benchmarks. Algorithm (blockwise recompute, as in Cut
 Cross-Entropy): the forward keeps only one float32 log-sum-exp per kept row; the backward recomputes
@@ -103,20 +117,25 @@ def _kernel_self_check(device: torch.device, dtype: torch.dtype) -> str | None:
     y = torch.randint(0, v, (n,), generator=g)
     y[::5] = -100
 
-    def run(impl, dt):
+    h_base = h + 0.5 * torch.randn(n, d, generator=g)  # the KL anchor's variant (HAS_BASE) is checked too
+
+    def run(impl, dt, base):
         hh = h.to(device, dt).clone().requires_grad_()  # own leaves per run: no shared .grad
         ww = w.to(device, dt).clone().requires_grad_()
+        kl = {} if base is None else {"base_hidden": base.to(device, dt), "kl_beta": 0.5}
         with use_implementation(impl):
-            loss = fused_linear_cross_entropy(hh, ww, y.to(device))
+            loss = fused_linear_cross_entropy(hh, ww, y.to(device), **kl)
         loss.backward()
         return [t.detach().float().cpu() for t in (loss, hh.grad, ww.grad)]
 
     def check():
-        got, want = run("kernel", dtype), run("reference", torch.float32)
-        for name, a, b in zip(("loss", "grad_hidden", "grad_weight"), got, want):
-            err = relative_error(a, b)
-            if not err < 5e-2:  # bf16 inputs are good to ~1e-2 relative here; NaN fails too
-                raise AssertionError(f"{name} differs from the reference by {err:.3g} (relative)")
+        for base in (None, h_base):
+            got, want = run("kernel", dtype, base), run("reference", torch.float32, base)
+            for name, a, b in zip(("loss", "grad_hidden", "grad_weight"), got, want):
+                err = relative_error(a, b)
+                if not err < 5e-2:  # bf16 inputs are good to ~1e-2 relative here; NaN fails too
+                    what = "" if base is None else " with the KL anchor"
+                    raise AssertionError(f"{name}{what} differs from the reference by {err:.3g} (relative)")
 
     return self_check_error("loss", device, dtype, check)
 
@@ -145,50 +164,68 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Per-row losses of the kept rows; see the module docstring for the math."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, label_smoothing, z_loss, softcap):
+    def forward(ctx, h, weight, bias, targets, label_smoothing, z_loss, softcap, h_base=None, beta=0.0):
+        """targets: the label per row, or -1 for a row that only carries the KL term (h_base given)."""
         n, vocab = h.shape[0], weight.shape[0]
         losses = h.new_empty(n, dtype=torch.float32)
         lse_all = h.new_empty(n, dtype=torch.float32)
-        step = _rows_per_chunk(vocab)
+        kl_all = h.new_zeros(n, dtype=torch.float32)
+        lse_base_all = h.new_zeros(n if h_base is not None else 0, dtype=torch.float32)
+        step = _rows_per_chunk(vocab) // (2 if h_base is not None else 1)
         for s in range(0, n, step):
             z, _ = _chunk_logits(h[s : s + step], weight, bias, softcap)  # (c, V) float32
             lse = torch.logsumexp(z, dim=-1)
             tgt = targets[s : s + step]
-            nll = lse - z.gather(1, tgt[:, None]).squeeze(1)
+            nll = lse - z.gather(1, tgt.clamp_min(0)[:, None]).squeeze(1)
             if label_smoothing > 0.0:
                 # torch's definition: (1 - eps) * nll + eps * mean_j(lse - z_j)
                 nll = (1.0 - label_smoothing) * nll + label_smoothing * (lse - z.mean(dim=-1))
             if z_loss > 0.0:
                 nll = nll + z_loss * lse * lse
+            if h_base is not None:
+                nll = torch.where(tgt >= 0, nll, 0.0)
+                zb, _ = _chunk_logits(h_base[s : s + step], weight, bias, softcap)
+                lse_b = torch.logsumexp(zb, dim=-1)
+                kl = (torch.exp(zb - lse_b[:, None]) * (zb - z)).sum(-1) - lse_b + lse
+                kl_all[s : s + step] = kl
+                lse_base_all[s : s + step] = lse_b
+                nll = nll + beta * kl
             losses[s : s + step] = nll
             lse_all[s : s + step] = lse
-        ctx.mark_non_differentiable(lse_all)
-        ctx.save_for_backward(h, weight, bias, targets, lse_all)
-        ctx.opts = (label_smoothing, z_loss, softcap)
-        return losses, lse_all
+        ctx.mark_non_differentiable(lse_all, kl_all)
+        ctx.save_for_backward(h, weight, bias, targets, lse_all, h_base, lse_base_all)
+        ctx.opts = (label_smoothing, z_loss, softcap, beta)
+        return losses, lse_all, kl_all
 
     @staticmethod
-    def backward(ctx, grad_losses, _grad_lse):
-        h, weight, bias, targets, lse_all = ctx.saved_tensors
-        label_smoothing, z_loss, softcap = ctx.opts
+    def backward(ctx, grad_losses, _grad_lse, _grad_kl):
+        h, weight, bias, targets, lse_all, h_base, lse_base_all = ctx.saved_tensors
+        label_smoothing, z_loss, softcap, beta = ctx.opts
         n, vocab = h.shape[0], weight.shape[0]
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         grad_h = torch.zeros_like(h) if need_h else None
         # float32 accumulation of the head gradients across chunks
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(vocab, dtype=torch.float32, device=h.device) if need_b else None
-        step = _rows_per_chunk(vocab)
+        step = _rows_per_chunk(vocab) // (2 if h_base is not None else 1)
         for s in range(0, n, step):
             hc = h[s : s + step]
             z, tanh = _chunk_logits(hc, weight, bias, softcap)
             lse = lse_all[s : s + step, None]
             p = torch.exp(z - lse)  # softmax, (c, V)
+            tgt = targets[s : s + step]
+            if h_base is not None:  # d beta KL / d z = beta (p - p_base), before p is reused in place below
+                zb, _ = _chunk_logits(h_base[s : s + step], weight, bias, softcap)
+                dkl = beta * (p - torch.exp(zb - lse_base_all[s : s + step, None]))
+                del zb
             # d loss / d z = (1 + 2 s lse) p - (1 - eps) onehot(y) - eps / V
             dz = p * (1.0 + 2.0 * z_loss * lse) if z_loss > 0.0 else p
             if label_smoothing > 0.0:
                 dz = dz - label_smoothing / vocab
             rows = torch.arange(hc.shape[0], device=h.device)
-            dz[rows, targets[s : s + step]] -= 1.0 - label_smoothing
+            dz[rows, tgt.clamp_min(0)] -= 1.0 - label_smoothing
+            if h_base is not None:  # rows without a label (-1) carry the KL term only
+                dz = torch.where((tgt >= 0)[:, None], dz, 0.0) + dkl
             dz = dz * grad_losses[s : s + step, None].float()
             if softcap is not None:
                 dz = dz * (1.0 - tanh * tanh)
@@ -200,7 +237,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_b += dz.sum(0)
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_b = grad_b.to(bias.dtype) if need_b else None
-        return grad_h, grad_w, grad_b, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(
@@ -218,6 +255,10 @@ def fused_linear_cross_entropy(
     softcap: float | None = None,
     return_z_loss: bool = False,
     kernels: str = "auto",
+    base_hidden: torch.Tensor | None = None,
+    kl_beta: float = 0.0,
+    kl_mask: torch.Tensor | None = None,
+    return_kl: bool = False,
 ):
     """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels`` without materialising logits.
 
@@ -229,6 +270,12 @@ def fused_linear_cross_entropy(
     micro-batches add up to the loss of the step. ``z_loss``: adds ``z_loss * lse^2`` per row; with
     ``return_z_loss`` the function returns ``(loss, z_loss_term)`` with the term reduced the same way.
     ``kernels``: ``"auto"`` (Triton on CUDA when available), ``"on"`` or ``"off"``; see the module docstring.
+
+    KL anchor: ``base_hidden`` (the base model's hidden states, shaped like ``hidden``, no gradient) and
+    ``kl_beta`` > 0 add ``kl_beta * KL(p_base || p)`` per row (see the module docstring), on the rows with a
+    label, or also on the rows ``kl_mask`` (bool, labels' shape) marks; "mean" and "sum" still count the
+    labelled rows. With ``return_kl`` the function returns ``(loss, kl_term)`` (the unweighted KL, reduced
+    the same way; with ``return_z_loss`` too: ``(loss, z_loss_term, kl_term)``).
     """
     if kernels not in ("auto", "on", "off"):
         raise ValueError(f"kernels must be 'auto', 'on' or 'off', got {kernels!r}")
@@ -238,14 +285,32 @@ def fused_linear_cross_entropy(
         raise ValueError("num_items divides a summed loss; it cannot be combined with reduction='none'")
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree")
+    kl = base_hidden is not None and kl_beta != 0.0
+    if base_hidden is not None and base_hidden.shape != hidden.shape:
+        raise ValueError(f"base_hidden {tuple(base_hidden.shape)} and hidden {tuple(hidden.shape)} disagree")
+    if kl_beta < 0:
+        raise ValueError(f"kl_beta must be >= 0, got {kl_beta}")
+    if kl_mask is not None and kl_mask.shape != labels.shape:
+        raise ValueError(f"kl_mask {tuple(kl_mask.shape)} and labels {tuple(labels.shape)} disagree")
     if shift:
         pad = torch.full_like(labels[..., :1], ignore_index)
         labels = torch.cat([labels[..., 1:], pad], dim=-1)
+        if kl_mask is not None:
+            kl_mask = torch.cat([kl_mask[..., 1:], torch.zeros_like(kl_mask[..., :1])], dim=-1)
     out_shape = labels.shape
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1)
-    keep = (y != ignore_index).nonzero().squeeze(1)  # compaction: ignored rows never reach a matmul
+    labelled = y != ignore_index
+    rows = labelled | kl_mask.reshape(-1).bool() if kl and kl_mask is not None else labelled
+    keep = rows.nonzero().squeeze(1)  # compaction: ignored rows never reach a matmul
     h_kept, y_kept = h.index_select(0, keep), y.index_select(0, keep)
+    n_labelled = int(labelled.sum()) if kl and kl_mask is not None else int(keep.numel())
+    if kl:
+        y_kept = torch.where(y_kept == ignore_index, -1, y_kept)  # -1: a KL-only row
+        hb_kept = base_hidden.detach().reshape(-1, hidden.shape[-1]).index_select(0, keep).to(h_kept.dtype)
+        return _kl_loss(h_kept, hb_kept, weight, bias, y_kept, float(kl_beta), keep, y.shape[0], out_shape,
+                        reduction, num_items, n_labelled, float(label_smoothing), float(z_loss), softcap,
+                        return_z_loss, return_kl, hidden, kernels)
     if _use_kernel(hidden, kernels):
         loss, z_term = _kernel_loss(h_kept, weight, bias, y_kept, reduction, num_items, ignore_index,
                                     float(label_smoothing), float(z_loss), softcap)
@@ -254,7 +319,7 @@ def fused_linear_cross_entropy(
             loss = full.index_copy(0, keep, loss).reshape(out_shape)
             z_term = full.index_copy(0, keep, z_term).reshape(out_shape)
         return (loss, z_term) if return_z_loss else loss
-    losses_kept, lse_kept = _LinearCrossEntropy.apply(
+    losses_kept, lse_kept, _ = _LinearCrossEntropy.apply(
         h_kept, weight, bias, y_kept, float(label_smoothing), float(z_loss), softcap,
     )
     z_kept = z_loss * lse_kept.detach() ** 2
@@ -272,8 +337,64 @@ def fused_linear_cross_entropy(
 
     loss = _reduce(losses_kept)
     if return_z_loss:
-        return loss, _reduce(z_kept)
-    return loss
+        return (loss, _reduce(z_kept), loss.new_zeros(())) if return_kl else (loss, _reduce(z_kept))
+    return (loss, _reduce(torch.zeros_like(losses_kept))) if return_kl else loss
+
+
+def _kl_loss(h, h_base, weight, bias, targets, beta, keep, n_rows, out_shape, reduction, num_items, n_labelled,
+             label_smoothing, z_loss, softcap, return_z_loss, return_kl, hidden, kernels):
+    """CE + beta KL(p_base || p) over the kept rows (targets -1: KL only); reduced like the plain loss,
+    "mean" over the labelled rows. The Triton kernel's KL variant when ``_use_kernel``, else the reference."""
+    if _use_kernel(hidden, kernels):
+        losses, z_terms, kl = _kernel_kl_loss(h, h_base, weight, bias, targets, beta, reduction, num_items,
+                                              n_labelled, label_smoothing, z_loss, softcap)
+        reduced = reduction != "none"  # the kernel returned the totals already scaled
+    else:
+        losses, lse, kl = _LinearCrossEntropy.apply(h, weight, bias, targets, label_smoothing, z_loss, softcap,
+                                                    h_base, beta)
+        z_terms = torch.where(targets >= 0, z_loss * lse.detach() ** 2, 0.0)
+        reduced = False
+
+    def _reduce(values):
+        if reduced:
+            return values
+        if reduction == "none":
+            return values.new_zeros(n_rows).index_copy(0, keep, values).reshape(out_shape)
+        total = values.sum()
+        if num_items is not None:
+            return total / num_items
+        return total / max(n_labelled, 1) if reduction == "mean" else total
+
+    out = [_reduce(losses)]
+    if return_z_loss:
+        out.append(_reduce(z_terms))
+    if return_kl:
+        out.append(_reduce(kl))
+    return tuple(out) if len(out) > 1 else out[0]
+
+
+def _kernel_kl_loss(h, h_base, weight, bias, targets, beta, reduction, num_items, n_labelled, label_smoothing,
+                    z_loss, softcap):
+    """(loss, z-loss term, KL term) from the Triton kernel's KL variant: totals scaled like the reduction
+    ("mean": 1 / labelled rows), or per kept row for reduction="none". Targets -1 are KL-only rows (no CE,
+    no z-loss term)."""
+    from fastsft.kernels import fused_linear_cross_entropy as flce  # triton imports only when used
+
+    opts = dict(ignore_index=-1, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, kl_beta=beta)
+    if num_items is not None:
+        scale = 1.0 / num_items
+    elif reduction == "mean":
+        scale = 1.0 / max(n_labelled, 1)
+    else:
+        scale = None if reduction == "none" else 1.0
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (h, weight, bias)):
+        # eval: the kernel without its gradient pass, no autograd Function
+        losses, _, z_terms, kl, *_ = flce.fused_linear_cross_entropy_kl_forward(
+            h, h_base, weight, bias, targets, need=(False, False, False), **opts)
+        if scale is None:
+            return losses, z_terms, kl
+        return losses.sum() * scale, z_terms.sum() * scale, kl.sum() * scale
+    return flce.FusedLinearCrossEntropyFunction.apply(h, weight, bias, targets, scale, opts, h_base)
 
 
 def _kernel_loss(h, weight, bias, targets, reduction, num_items, ignore_index, label_smoothing, z_loss,

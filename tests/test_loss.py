@@ -162,5 +162,15 @@ def test_auto_mode_self_check_passes_and_catches_a_broken_kernel(monkeypatch):
         with pytest.warns(UserWarning, match=r"loss falls back .*AssertionError: loss differs.*Expected cost"):
             kernel_usage.fallback("loss", f"the Triton kernel failed its self-check: {error}", where="cuda:0")
         assert kernel_usage.snapshot()["loss"]["path"] == "reference"
+        # a kernel wrong only in its KL-anchor variant is caught too
+        loss_mod._kernel_self_check.cache_clear()
+
+        def wrong_kl(*args, **kwargs):
+            out = real(*args, **kwargs)
+            return (out[0] * 1.1, *out[1:]) if kwargs.get("base") is not None else out
+
+        monkeypatch.setattr(flce, "cross_entropy_rows", wrong_kl)
+        error = loss_mod._kernel_self_check(torch.device("cpu"), torch.float32)
+        assert error.startswith("AssertionError: loss with the KL anchor differs from the reference"), error
     finally:
         loss_mod._kernel_self_check.cache_clear()
