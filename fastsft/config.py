@@ -32,6 +32,8 @@ def _opt(default, help: str, choices: tuple | None = None):
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
+CURRICULA = ("none", "length", "base_loss")
+
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -74,6 +76,15 @@ class DataConfig:
     eval_fraction: float = _opt(0.05, "Fraction of each training dataset held out for eval when no eval_datasets.")
     general_text: str | None = _opt(None, "A plain-text (.txt) or {text} JSON/JSONL file whose perplexity is "
                                           "tracked to watch forgetting.")
+    replay: dict | None = _opt(None, "Against forgetting: {path, weight} mixes pretraining-style text (a .txt file, "
+                                     "split into paragraphs, or {text} JSON/JSONL records; the loss on all its "
+                                     "tokens) into training as `weight` (0-1) of the trained tokens. Never the "
+                                     "data.general_text file: the forgetting meter must not see what it trains on.")
+    curriculum: str = _opt("none", "Order the training records easy -> hard in data.curriculum_phases phases "
+                                   "(shuffled and packed within each phase; every epoch repeats them): none, "
+                                   "length (tokens), or base_loss (the base model's mean response loss per "
+                                   "record, from one no-grad scoring pass before training).")
+    curriculum_phases: int = _opt(3, "Phases of the curriculum (records split by score into equal parts).")
     max_seq_len: int = _opt(512, "Records are truncated to this many tokens; ones left with no response are dropped.")
     train_on: str = _opt("all", "Multi-turn: train every assistant turn or only the last.", ("all", "last"))
     add_bos: str = _opt("auto", "Prepend the BOS token (auto: when the tokenizer has one).", ("auto", "true", "false"))
@@ -104,6 +115,15 @@ class TrainConfig:
     max_nonfinite_steps: int = _opt(5, "A step whose loss or gradient norm is not finite is skipped (counted as "
                                        "skipped_steps); this many in a row stop the run with a checkpoint of "
                                        "the last finite weights. 0: never stop.")
+    kl_to_base: float = _opt(0.0, "Beta of a KL anchor to the base model against forgetting: each covered token's loss "
+                                  "adds beta * KL(p_base || p_tuned), the base being the model with its LoRA "
+                                  "adapters off (one more no-grad forward a micro-batch; no second copy of the "
+                                  "weights). Needs lora.enabled. 0: off.")
+    kl_tokens: str = _opt("response", "Which tokens the KL anchor covers: response (those the loss trains on) or "
+                                      "all (prompt tokens too).", ("response", "all"))
+    neftune_alpha: float = _opt(0.0, "NEFTune: uniform noise on the input embeddings in training, scaled "
+                                     "alpha / sqrt(L * hidden) with L each sequence's own length (also inside a "
+                                     "packed row). 0: off; the NEFTune paper uses 5-15.")
     group_by_length: bool = _opt(True, "Without packing: batch records of similar length together (less padding).")
     seed: int = _opt(0, "Seed for model init, LoRA init, data order and dropout.")
     device: str = _opt("auto", "auto = cuda when available, else cpu.", ("auto", "cpu", "cuda"))
@@ -312,6 +332,13 @@ def load(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Co
     return cfg
 
 
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return a == b
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that a single key's type cannot express."""
     def need(ok: bool, key: str, msg: str):
@@ -333,6 +360,29 @@ def validate(cfg: Config) -> None:
     need(cfg.output.log_every >= 1, "output.log_every", "must be at least 1")
     need(cfg.output.checkpoint_every >= 0, "output.checkpoint_every", "must be 0 (by time only) or positive")
     need(cfg.output.checkpoint_minutes >= 0, "output.checkpoint_minutes", "must be 0 (off) or positive")
+    if cfg.data.replay is not None:
+        r = cfg.data.replay
+        need(isinstance(r, dict) and set(r) == {"path", "weight"}, "data.replay",
+             f"must be {{path, weight}}; got {r!r}")
+        w = r["weight"]
+        if isinstance(w, str):  # from the command line (path=...,weight=0.2 or a YAML flow mapping)
+            try:
+                w = r["weight"] = float(w)
+            except ValueError:
+                pass
+        need(isinstance(w, (int, float)) and not isinstance(w, bool) and 0 < w < 1, "data.replay.weight",
+             f"is the replay text's share of the trained tokens: a number in (0, 1); got {w!r}")
+        need(not cfg.data.general_text or _same_file(r["path"], cfg.data.general_text) is False, "data.replay.path",
+             "is the data.general_text file: the forgetting meter would measure text it trains on; give the "
+             "meter and the replay separate files")
+    need(cfg.data.curriculum in CURRICULA, "data.curriculum",
+         f"must be one of {', '.join(CURRICULA)}; got {cfg.data.curriculum!r}")
+    need(cfg.data.curriculum_phases >= 1, "data.curriculum_phases", "must be at least 1")
+    need(cfg.train.kl_to_base >= 0, "train.kl_to_base", "must be 0 (off) or positive")
+    need(cfg.lora.enabled or not cfg.train.kl_to_base, "train.kl_to_base",
+         "needs lora.enabled: the base is the model with its adapters off (full fine-tuning would need a frozen "
+         "copy of every weight, which fastsft does not make)")
+    need(cfg.train.neftune_alpha >= 0, "train.neftune_alpha", "must be 0 (off) or positive")
     need(cfg.lora.enabled or not cfg.train.fsdp, "train.fsdp",
          "needs lora.enabled (sharded full fine-tuning is not supported: checkpoints gather the trainable weights whole)")
     if cfg.eval.answer_pattern:

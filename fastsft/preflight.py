@@ -150,6 +150,8 @@ def _data_paths(cfg: Config) -> list[tuple[str, str]]:
                 out.append((key, path))
     if cfg.data.general_text:
         out.append(("data.general_text", cfg.data.general_text))
+    if isinstance(cfg.data.replay, dict) and isinstance(cfg.data.replay.get("path"), str):
+        out.append(("data.replay.path", cfg.data.replay["path"]))
     return out
 
 
@@ -157,7 +159,7 @@ def _check_data_files(cfg: Config) -> list[str]:
     out = []
     for key, path in _data_paths(cfg):
         p = Path(path).expanduser()
-        if key != "data.general_text" and (p.is_dir() or not p.exists()):
+        if key not in ("data.general_text", "data.replay.path") and (p.is_dir() or not p.exists()):
             # a `datasets` save_to_disk directory, a directory of data files, or a Hub dataset id in the local
             # cache: found without reading a record
             from fastsft.data.formats import source_problem

@@ -210,3 +210,14 @@ def test_parquet_and_save_to_disk_inputs_train(tmp_path):
                    "--output", tmp_path / "run-ds")
     assert proc.returncode == 0, proc.stderr
     assert "40 records read" in proc.stdout
+
+
+def test_kl_anchor_and_neftune_from_the_command_line(tmp_path):
+    proc = fastsft("train", *FAST, "--train.kl_to_base", "0.1", "--train.kl_tokens", "all",
+                   "--train.neftune_alpha", "5", "--output", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["kl_to_base"] >= 0 for r in records if r["kind"] == "train")
+    proc = fastsft("train", *FAST, "--lora.enabled", "false", "--train.kl_to_base", "0.1",
+                   "--output", tmp_path / "full")
+    assert_one_line_error(proc, "train.kl_to_base", "needs lora.enabled")

@@ -75,3 +75,19 @@ def test_resolved_config_round_trips(tmp_path):
     cfgmod.dump(cfg, tmp_path / "config.yaml")
     again = cfgmod.load(tmp_path / "config.yaml")
     assert again == cfg
+
+
+def test_replay_is_validated_in_one_line(tmp_path):
+    from fastsft import config as cfgmod
+
+    prose = tmp_path / "prose.txt"
+    prose.write_text("Some plain text.\n\nMore of it.\n")
+    ok = cfgmod.load(None, {"data.replay": {"path": str(prose), "weight": "0.25"}})  # a command-line string
+    assert ok.data.replay["weight"] == 0.25
+    for replay, needle in (({"path": str(prose)}, "data.replay"), ({"path": str(prose), "weight": 1.0}, "weight"),
+                           ({"path": str(prose), "weight": 0.2, "format": "text"}, "data.replay")):
+        with pytest.raises(cfgmod.ConfigError, match=needle) as e:
+            cfgmod.load(None, {"data.replay": replay})
+        assert "\n" not in str(e.value)
+    with pytest.raises(cfgmod.ConfigError, match="forgetting meter would measure text it trains on"):
+        cfgmod.load(None, {"data.replay": {"path": str(prose), "weight": 0.2}, "data.general_text": str(prose)})

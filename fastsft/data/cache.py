@@ -68,7 +68,7 @@ def cache_key(cfg, tokenizer) -> str | None:
     hashed (then nothing is cached)."""
     data = cfg.data
     paths = []
-    for entry in list(data.datasets) + list(data.eval_datasets):
+    for entry in list(data.datasets) + list(data.eval_datasets) + ([data.replay] if data.replay else []):
         paths.append(entry.get("path") if isinstance(entry, dict) else entry)
     digests = {str(p): _input_digest(str(p)) for p in paths}
     if any(d.startswith("unhashable:") for d in digests.values()):
@@ -79,6 +79,7 @@ def cache_key(cfg, tokenizer) -> str | None:
         "fields": data.fields, "max_seq_len": data.max_seq_len, "train_on": data.train_on,
         "add_bos": data.add_bos, "skip_bad_records": data.skip_bad_records, "eval_fraction": data.eval_fraction,
         "builtin_size": None if data.datasets else data.builtin_size, "seed": cfg.train.seed,
+        "replay": data.replay,
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
 

@@ -341,6 +341,21 @@ def mixture_indices(n: int, weight: float, rng: np.random.Generator) -> np.ndarr
     return np.concatenate(parts)
 
 
+def replay_indices(trained_tokens: np.ndarray, target: float, rng: np.random.Generator) -> np.ndarray:
+    """Record indices whose trained tokens add up to about ``target``: whole copies of every record while
+    they fit, then a seeded random order of the records, cut where the running total comes closest."""
+    total = int(trained_tokens.sum())
+    if total == 0 or target <= 0:
+        return np.zeros(0, np.int64)
+    copies, rest = divmod(float(target), total)
+    parts = [np.arange(len(trained_tokens))] * int(copies)
+    order = rng.permutation(len(trained_tokens))
+    prefix_sums = np.concatenate([[0], np.cumsum(trained_tokens[order])])
+    k = int(np.argmin(np.abs(prefix_sums - rest)))  # the prefix closest to the rest (the shorter on a tie)
+    parts.append(np.sort(order[:k]))
+    return np.concatenate(parts)
+
+
 def _fractions(values: dict[str, int]) -> dict[str, float]:
     total = sum(values.values())
     return {k: (v / total if total else 0.0) for k, v in values.items()}
@@ -365,14 +380,19 @@ def _summary(store: TokenStore) -> dict:
 
 def build_dataset(specs: Sequence[Any], tokenizer: Any, *, max_seq_len: int, train_on: str = "all",
                   add_bos: Any = "auto", skip_bad_records: bool = False, eval_fraction: float = 0.0,
-                  eval_specs: Sequence[Any] | None = None, seed: int = 0) -> DatasetBundle:
+                  eval_specs: Sequence[Any] | None = None, seed: int = 0, replay: Any = None,
+                  replay_share: float = 0.0) -> DatasetBundle:
     """Read, validate, encode, split and mix datasets.
 
     specs: DatasetSpec, paths, or dicts of DatasetSpec fields. tokenizer: a Tokenizer or anything
     `load_tokenizer` takes. Records longer than max_seq_len keep their start; those left with no
     trained token are dropped (counted). eval_fraction: held out from each dataset before mixing
     (seeded); or eval_specs: separate eval datasets (weights ignored). The train store is
-    shuffled (seeded). See `DatasetBundle.report` for counts and realised mixture proportions."""
+    shuffled (seeded). See `DatasetBundle.report` for counts and realised mixture proportions.
+
+    replay: a dataset of pretraining-style text (format "text": every token trained) mixed in so that it
+    makes ``replay_share`` of the trained tokens (against forgetting); never split off for eval. The
+    report's ``replay`` says the share asked for and the share realised."""
     if isinstance(specs, (str, Path, DatasetSpec, Mapping)):
         specs = [specs]
     specs = [DatasetSpec.coerce(s) for s in specs]
@@ -419,6 +439,26 @@ def build_dataset(specs: Sequence[Any], tokenizer: Any, *, max_seq_len: int, tra
                    train_records=len(part), train_trained_tokens=part.num_trained_tokens)
         reports.append(rep)
 
+    replay_report = None
+    if replay is not None:
+        if not 0.0 < replay_share < 1.0:
+            raise ValueError(f"replay_share must be in (0, 1), got {replay_share!r}")
+        spec = DatasetSpec.coerce(replay)
+        (name,) = _unique_names([spec], taken)
+        names = names + [f"replay:{name}"]
+        store, rep = load_dataset(spec, tokenizer, source=len(names) - 1, name=names[-1], **kw)
+        store.names = names
+        instruction = sum(part.num_trained_tokens for part in train_parts)
+        target = replay_share / (1.0 - replay_share) * instruction
+        part = store.select(replay_indices(store.trained_per_record(), target, _rng(seed, 4)))
+        train_parts.append(part)
+        rep.update(eval_records=0, train_pool_records=len(store), train_records=len(part),
+                   train_trained_tokens=part.num_trained_tokens)
+        reports.append(rep)
+        realised = part.num_trained_tokens / max(instruction + part.num_trained_tokens, 1)
+        replay_report = {"name": names[-1], "share": replay_share, "realised_share": realised,
+                         "trained_tokens": part.num_trained_tokens}
+
     train = TokenStore.concat(train_parts)
     train.names = names
     if len(train) == 0:
@@ -445,6 +485,7 @@ def build_dataset(specs: Sequence[Any], tokenizer: Any, *, max_seq_len: int, tra
             "records": _fractions({r["name"]: r["train_records"] for r in reports}),
             "trained_tokens": _fractions({r["name"]: r["train_trained_tokens"] for r in reports}),
         },
+        "replay": replay_report,
         "train": _summary(train),
         "eval": None if eval_store is None else _summary(eval_store),
         "settings": {"max_seq_len": int(max_seq_len), "train_on": train_on, "add_bos": add_bos,

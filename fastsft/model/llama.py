@@ -458,7 +458,8 @@ class MLP(nn.Module):
 
 def _same_lora(*modules) -> bool:
     """All LoRA layers with one scaling and dropout (what a fused block computes with)."""
-    if not all(hasattr(m, "lora_A") and hasattr(m, "base_layer") for m in modules):
+    if not all(hasattr(m, "lora_A") and hasattr(m, "base_layer") and getattr(m, "adapter_enabled", True)
+               for m in modules):
         return False
     first = modules[0]
     return all(m.scaling == first.scaling and m.lora_dropout_p == first.lora_dropout_p
@@ -791,6 +792,7 @@ class Backbone(nn.Module):
         # Gemma 3's sliding layers: plain RoPE with their own base (layer.self_attn.rope_kind == "local")
         self.rotary_emb_local = RotaryEmbedding(config.local_rope_config()) if config.rope_local_theta else None
         self.embed_scale = config.embed_scale
+        self.neftune_alpha = 0.0  # NEFTune noise on the embeddings in training (see add_neftune_noise)
         self.gradient_checkpointing = False
         self.offload_activations = False  # with checkpointing: saved layer inputs in pinned CPU memory
 
@@ -800,6 +802,16 @@ class Backbone(nn.Module):
             h = h * torch.tensor(self.embed_scale, dtype=h.dtype, device=h.device)
         return h
 
+    def add_neftune_noise(self, h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """NEFTune (Jain et al., 2023): in training, h + U(-1, 1) * alpha / sqrt(L * d), with L the length of
+        the sequence each token belongs to (``lengths`` [B, 1] per row or [B, T] per token: a packed row's
+        sequences each get their own), d the hidden size."""
+        if not (self.training and self.neftune_alpha):
+            return h
+        scale = self.neftune_alpha / torch.sqrt(lengths.clamp_min(1).to(torch.float32) * h.shape[-1])
+        noise = torch.empty(h.shape, dtype=torch.float32, device=h.device).uniform_(-1.0, 1.0)
+        return h + (noise * scale[..., None]).to(h.dtype)
+
     def rope_tables(self, position_ids, dtype, seq_ids=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """cos/sin per RoPE kind the layers use ("global", and Gemma 3's "local")."""
         tables = {"global": self.rotary_emb(position_ids, dtype, seq_ids=seq_ids)}
@@ -808,7 +820,8 @@ class Backbone(nn.Module):
         return tables
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, cu_seqlens=None, max_seqlen=None,
-                kv_cache: Optional[KVCache] = None):
+                kv_cache: Optional[KVCache] = None, seq_lengths: Optional[torch.Tensor] = None):
+        """seq_lengths [B]: each (right-padded) row's real length, read by NEFTune only."""
         if kv_cache is not None:
             return self._forward_cached(input_ids, position_ids, attention_mask, kv_cache)
         if input_ids.dim() == 1:  # a single packed row given as [T] -> hidden [T, D]
@@ -816,7 +829,8 @@ class Backbone(nn.Module):
                 position_ids = position_ids.unsqueeze(0)
             if attention_mask is not None and attention_mask.dim() == 1:
                 attention_mask = attention_mask.unsqueeze(0)
-            return self.forward(input_ids.unsqueeze(0), position_ids, attention_mask, cu_seqlens, max_seqlen)[0]
+            return self.forward(input_ids.unsqueeze(0), position_ids, attention_mask, cu_seqlens, max_seqlen,
+                                seq_lengths=seq_lengths)[0]
         B, T = input_ids.shape
         device = input_ids.device
         if attention_mask is not None:
@@ -835,6 +849,14 @@ class Backbone(nn.Module):
             position_ids = position_ids.unsqueeze(0).expand(B, T)
 
         h = self.embed(input_ids)
+        if self.neftune_alpha and self.training:
+            if seq_lengths is not None:
+                lengths = seq_lengths.to(device).view(B, 1)
+            elif attention_mask is not None:
+                lengths = attention_mask.sum(-1, keepdim=True)
+            else:
+                lengths = torch.full((B, 1), T, device=device)
+            h = self.add_neftune_noise(h, lengths)
         ropes = self.rope_tables(position_ids, h.dtype)
         masks: dict[Optional[int], Optional[torch.Tensor]] = {}
         for layer in self.layers:
@@ -887,8 +909,12 @@ class Backbone(nn.Module):
             varlen = _varlen_args(cu_seqlens, max_seqlen, B * T, _attention_dtype(h),
                                   dropout=self.training and self.config.attention_dropout > 0)
         seq_ids = None
-        if varlen is None or position_ids is None or self.rotary_emb.per_sequence:
+        neftune = bool(self.neftune_alpha and self.training)
+        if varlen is None or position_ids is None or self.rotary_emb.per_sequence or neftune:
             seq_ids = _packed_seq_ids(cu_seqlens, B, T)
+        if neftune:  # each packed sequence its own length (trailing padding: the rest of the row)
+            bounds = torch.cat([cu_seqlens.to(torch.int64), cu_seqlens.new_tensor([B * T]).to(torch.int64)])
+            h = self.add_neftune_noise(h, torch.diff(bounds)[seq_ids])
         if position_ids is None:
             position_ids = _packed_position_ids(cu_seqlens, seq_ids)
         elif position_ids.dim() == 1:
@@ -950,6 +976,7 @@ class CausalLM(nn.Module):
         cu_seqlens: Optional[torch.Tensor] = None,
         max_seqlen: Optional[int] = None,
         kv_cache: Optional[KVCache] = None,
+        seq_lengths: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """input_ids [B,T]; position_ids [B,T] (default arange, or cumsum(mask)-1 with a mask);
         attention_mask [B,T] 1=token 0=pad (e.g. left padding). Returns hidden [B,T,D].
@@ -965,7 +992,7 @@ class CausalLM(nn.Module):
         if kv_cache is not None:
             return self.model(input_ids, position_ids=position_ids, attention_mask=attention_mask, kv_cache=kv_cache)
         return self.model(input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                          cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+                          cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, seq_lengths=seq_lengths)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits for hidden states, soft-capped where the config says (Gemma 2/3's final_logit_softcapping;

@@ -21,6 +21,7 @@ written by PEFT (plain LoRA) load with :func:`load_adapter`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -182,8 +183,12 @@ class LoRALinear(nn.Module):
         return self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
 
     kernel_choice = KernelChoice()  # fastsft.model.fused.configure_kernels sets it per model
+    # False inside adapters_disabled(): the layer is its base (the KL anchor's base forward)
+    adapter_enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.adapter_enabled:
+            return self.base_layer(x)
         if self.kernel_choice.use("lora", x):
             # the dense (or dequantized) base weight is not kept for the backward, nor is x A^T
             from fastsft.kernels.lora import lora_linear, lora_proj
@@ -341,6 +346,20 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Inside, every LoRA layer of ``model`` computes its base layer alone: the model is its base, with no
+    second copy of the weights (4-bit bases stay the same NF4 weights)."""
+    layers = list(lora_modules(model).values())
+    for m in layers:
+        m.adapter_enabled = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.adapter_enabled = True
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:

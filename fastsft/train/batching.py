@@ -18,10 +18,15 @@ IGNORE_INDEX = -100
 LENGTH_GROUP_BATCHES = 50
 
 
-def epoch_batches(lengths: np.ndarray, micro_batch_size: int, seed: int, epoch: int,
+def _stream(seed, epoch: int) -> list[int]:
+    """The RNG stream of an epoch: (seed, epoch), or (seed, phase, epoch) for a curriculum phase."""
+    return [*seed, epoch] if isinstance(seed, (list, tuple)) else [seed, epoch]
+
+
+def epoch_batches(lengths: np.ndarray, micro_batch_size: int, seed, epoch: int,
                   group_by_length: bool = True) -> list[np.ndarray]:
     """Record indices of every micro-batch of one epoch (the last may be smaller)."""
-    rng = np.random.default_rng([seed, epoch])
+    rng = np.random.default_rng(_stream(seed, epoch))
     order = rng.permutation(len(lengths))
     if group_by_length:
         window = micro_batch_size * LENGTH_GROUP_BATCHES
@@ -50,6 +55,7 @@ def collate(store, indices: np.ndarray, pad_id: int, pad_to_multiple: int = 8) -
         "input_ids": torch.from_numpy(input_ids),
         "targets": torch.from_numpy(targets),
         "position_ids": torch.arange(width).repeat(len(indices), 1),
+        "lengths": torch.from_numpy(lengths.astype(np.int64)),  # each row's real tokens (NEFTune, the KL mask)
         "num_tokens": int(lengths.sum()),
     }
 
@@ -62,9 +68,9 @@ def count_targets(batch: dict) -> int:
 # packed batches: several sequences a row, attention kept within each sequence through cu_seqlens
 
 
-def packed_epoch_batches(num_bins: int, bins_per_batch: int, seed: int, epoch: int) -> list[np.ndarray]:
+def packed_epoch_batches(num_bins: int, bins_per_batch: int, seed, epoch: int) -> list[np.ndarray]:
     """Bin indices of every micro-batch of one epoch: the bins in a (seed, epoch)-shuffled order."""
-    order = np.random.default_rng([seed, epoch]).permutation(num_bins)
+    order = np.random.default_rng(_stream(seed, epoch)).permutation(num_bins)
     return [order[s : s + bins_per_batch] for s in range(0, num_bins, bins_per_batch)]
 
 
@@ -94,5 +100,66 @@ def collate_packed(store, plan, bins: np.ndarray, pad_id: int, width: int) -> di
         "position_ids": torch.from_numpy(out["position_ids"]),
         "cu_seqlens": torch.from_numpy(cu.astype(np.int32)),
         "max_seqlen": int(np.diff(cu).max()) if len(cu) > 1 else 0,
+        "row_lengths": torch.from_numpy(np.asarray(row_lengths, dtype=np.int64)),  # real tokens, then padding
         "num_tokens": int(row_lengths.sum()),
     }
+
+
+# ----------------------------------------------------------------------------------------------------
+# the order of the micro-batches: shuffled, or a curriculum's phases easy -> hard
+
+
+def curriculum_phases(scores: np.ndarray, phases: int) -> list[np.ndarray]:
+    """Record indices of ``phases`` groups of (nearly) equal size by ascending score (easy first); ties
+    keep the store's order."""
+    order = np.argsort(np.asarray(scores, dtype=np.float64), kind="stable")
+    return [np.sort(part) for part in np.array_split(order, phases) if len(part)]
+
+
+class BatchOrder:
+    """The micro-batches of every epoch, as a pure function of (seed, epoch) so a resumed run rebuilds
+    them: packed bins of ``max_seq_len`` tokens (best-fit decreasing) or one padded record a row, in a
+    shuffled order -- or, with ``phases`` (record index groups, easiest first), each phase packed and
+    shuffled on its own and the phases in order, so no batch and no packed row mixes two phases; every
+    epoch repeats the schedule."""
+
+    def __init__(self, store, *, micro_batch_size: int, seed: int, pad_id: int, packing: bool,
+                 max_seq_len: int, group_by_length: bool = True, phases: list[np.ndarray] | None = None):
+        from fastsft.packing import pack
+
+        self.store, self.mbs, self.seed, self.pad_id = store, micro_batch_size, seed, pad_id
+        self.packing, self.max_seq_len, self.group_by_length = packing, max_seq_len, group_by_length
+        self.phases = [np.arange(len(store))] if phases is None else [np.asarray(p, np.int64) for p in phases]
+        self.curriculum = phases is not None
+        self.stores = [store if not self.curriculum else store.select(p) for p in self.phases]
+        self.plans = [pack(s.lengths, max_seq_len, strategy="bfd") for s in self.stores] if packing else None
+        sizes = [len(p.bin_offsets) - 1 for p in self.plans] if packing else [len(s) for s in self.stores]
+        self.units_per_phase = sizes
+        self.num_units = sum(sizes)
+        self.batches_per_epoch = sum(-(-n // micro_batch_size) for n in sizes)
+
+    @property
+    def efficiency(self) -> float:
+        """Real tokens / packed token slots (packing only)."""
+        real = sum(int(s.lengths.sum()) for s in self.stores)
+        return real / max(self.num_units * self.max_seq_len, 1)
+
+    def epoch(self, e: int) -> list[tuple[int, np.ndarray]]:
+        """(phase, units) of every micro-batch of epoch ``e``: bin indices of that phase's packing, or
+        record indices of its store."""
+        out = []
+        for k, (store, n) in enumerate(zip(self.stores, self.units_per_phase)):
+            # phase k of epoch e draws from its own stream; without a curriculum, the plain (seed, epoch) one
+            seed = [self.seed, k] if self.curriculum else self.seed
+            if self.packing:
+                batches = packed_epoch_batches(n, self.mbs, seed, e)
+            else:
+                batches = epoch_batches(store.lengths, self.mbs, seed, e, self.group_by_length)
+            out.extend((k, b) for b in batches)
+        return out
+
+    def batch(self, unit: tuple[int, np.ndarray]) -> dict:
+        k, units = unit
+        if self.packing:
+            return collate_packed(self.stores[k], self.plans[k], units, self.pad_id, self.max_seq_len)
+        return collate(self.stores[k], units, self.pad_id)

@@ -37,6 +37,31 @@ def response_loss(model, store, *, pad_id: int, batch_size: int, max_records: in
     return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": count}
 
 
+@torch.no_grad()
+def record_losses(model, store, *, pad_id: int, batch_size: int, device, autocast=contextlib.nullcontext,
+                  kernels: str = "auto") -> np.ndarray:
+    """float64 [N]: each record's mean cross-entropy over its trained (response) tokens (NaN for a record
+    with none), from one no-grad pass through the fused loss with ``reduction="none"``: the curriculum's
+    base_loss score. Records go in batches of similar length (less padding)."""
+    was_training = model.training
+    model.eval()
+    out = np.full(len(store), np.nan)
+    order = np.argsort(store.lengths, kind="stable")
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        batch = collate(store, idx, pad_id)
+        targets = batch["targets"].to(device)
+        with autocast():
+            hidden = model(batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device))
+            per_token = fused_linear_cross_entropy(hidden, model.lm_head.weight, targets, reduction="none",
+                                                   kernels=kernels, softcap=model.config.final_logit_softcapping)
+        counts = (targets != IGNORE_INDEX).sum(-1)
+        sums = per_token.float().sum(-1)
+        out[idx] = torch.where(counts > 0, sums / counts.clamp_min(1), float("nan")).double().cpu().numpy()
+    model.train(was_training)
+    return out
+
+
 def first_response(ids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """The prompt before the first trained token, and the first contiguous run of trained tokens."""
     trained = np.flatnonzero(labels != IGNORE_INDEX)

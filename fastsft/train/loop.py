@@ -9,6 +9,7 @@ the batching.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import random
@@ -26,22 +27,22 @@ from fastsft.config import Config, ConfigError
 from fastsft.data import DatasetSpec, TokenStore, build_dataset, load_tokenizer
 from fastsft.data import cache as token_cache
 from fastsft.data.builtin import generate as generate_builtin
-from fastsft.loss import fused_linear_cross_entropy
 from fastsft.model import ModelConfig, build_model, load_model, save_pretrained
 from fastsft.model.fused import configure_kernels
-from fastsft.model.lora import apply_lora, save_adapter, trainable_parameters
+from fastsft.model.lora import adapters_disabled, apply_lora, save_adapter, trainable_parameters
 from fastsft.preflight import PreflightError, preflight
 from fastsft.train import checkpoint as ckpt_mod
 from fastsft.train import distributed
 from fastsft.train import signals
-from fastsft.train.files import atomic_directory, atomic_write_text, free_space, human_bytes, writing
+from fastsft.train.files import (atomic_directory, atomic_write_bytes, atomic_write_text, free_space, human_bytes,
+                                 writing)
 from fastsft.train.reporting import check_available as check_reporters
 from fastsft.train.reporting import open_reporters
 from fastsft.train.run_dir import RunDirectory, RunDirError
-from fastsft.packing import pack
-from fastsft.train.batching import collate, collate_packed, count_targets, epoch_batches, packed_epoch_batches
-from fastsft.train.evaluate import exact_match, majority_baseline, response_loss
+from fastsft.train.batching import BatchOrder, count_targets, curriculum_phases
+from fastsft.train.evaluate import exact_match, majority_baseline, record_losses, response_loss
 from fastsft.train.metrics import MetricsLog, peak_memory_bytes, plot_losses
+from fastsft.train.objective import Objective
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -67,13 +68,45 @@ def _dataset_specs(entries: list, cfg: Config) -> list[DatasetSpec]:
     return specs
 
 
-def _general_text_spec(path: str) -> DatasetSpec:
-    """A .txt file is split into paragraphs; JSON/JSONL must hold {text} records."""
+def _text_spec(path: str) -> DatasetSpec:
+    """Plain text (the forgetting meter's, the replay's): a .txt file is split into paragraphs; JSON/JSONL
+    must hold {text} records."""
     p = Path(path)
     if p.suffix == ".txt":
         paragraphs = [t.strip() for t in p.read_text(errors="replace").split("\n\n") if t.strip()]
         return DatasetSpec(records=[{"text": t} for t in paragraphs], name=p.name, format="text")
     return DatasetSpec(path=path, format="text")
+
+
+def _curriculum_scores(cfg: Config, model, store, data_dir: Path, run, *, pad_id, device, autocast, kernels,
+                       dist) -> np.ndarray:
+    """Each training record's difficulty: its length, or the base model's mean response loss (one no-grad
+    pass, timed; saved as data/curriculum_scores.npy and read back on resume, where the model is no longer
+    the base). Records the scoring cannot score (no response token) count as the hardest."""
+    if cfg.data.curriculum == "length":
+        return store.lengths.astype(np.float64)
+    path = data_dir / "curriculum_scores.npy"
+    if path.exists():
+        scores = np.load(path)
+        if scores.shape != (len(store),):
+            raise ConfigError(f"{path} holds {scores.shape[0]} scores for {len(store)} records; the run's data "
+                              "changed")
+        return scores
+    started = time.time()
+    with adapters_disabled(model):  # the base, also if the adapters ever trained
+        scores = record_losses(model, store, pad_id=pad_id, batch_size=cfg.eval.batch_size, device=device,
+                               autocast=autocast, kernels=kernels)
+    scores = np.where(np.isnan(scores), np.inf, scores)
+    seconds = time.time() - started
+    _say(f"curriculum: base-model loss of {len(store)} records in {seconds:.1f}s "
+         f"({len(store) / max(seconds, 1e-9):.0f} records/s)")
+    if dist.is_main:
+        with writing(data_dir, "the curriculum scores"):
+            buffer = io.BytesIO()
+            np.save(buffer, scores)
+            atomic_write_bytes(path, buffer.getvalue())
+        run.record_inputs("data")
+    return scores
 
 
 def _autocast(device: torch.device, precision: str):
@@ -103,12 +136,6 @@ def _batch_stream(plan_epoch, epoch: int, batch_in_epoch: int):
         for i in range(batch_in_epoch, len(batches)):
             yield epoch, i, batches[i]
         epoch, batch_in_epoch = epoch + 1, 0
-
-
-def _packed_args(batch: dict, device) -> dict:
-    if "cu_seqlens" not in batch:
-        return {}
-    return {"cu_seqlens": batch["cu_seqlens"].to(device), "max_seqlen": batch["max_seqlen"]}
 
 
 def _say(msg: str) -> None:
@@ -248,7 +275,9 @@ def _train(cfg: Config, run: RunDirectory, dist) -> dict:
         bundle = build_dataset(specs, tokenizer, max_seq_len=cfg.data.max_seq_len, train_on=cfg.data.train_on,
                                add_bos=cfg.data.add_bos, skip_bad_records=cfg.data.skip_bad_records,
                                eval_fraction=0.0 if eval_specs else cfg.data.eval_fraction,
-                               eval_specs=eval_specs, seed=cfg.train.seed)
+                               eval_specs=eval_specs, seed=cfg.train.seed,
+                               replay=_text_spec(cfg.data.replay["path"]) if cfg.data.replay else None,
+                               replay_share=cfg.data.replay["weight"] if cfg.data.replay else 0.0)
         train_store, eval_store, report = bundle.train, bundle.eval, bundle.report
         if dist.is_main:  # every rank tokenizes the same records the same way; rank 0 keeps them
             with writing(data_dir, "the token stores"):
@@ -263,7 +292,7 @@ def _train(cfg: Config, run: RunDirectory, dist) -> dict:
         raise ConfigError("no training records left after validation and truncation")
     general_store = None
     if cfg.data.general_text:
-        general_store = build_dataset([_general_text_spec(cfg.data.general_text)], tokenizer,
+        general_store = build_dataset([_text_spec(cfg.data.general_text)], tokenizer,
                                       max_seq_len=cfg.data.max_seq_len, add_bos=cfg.data.add_bos).train
     _say(f"data: {len(train_store)} train records ({train_store.num_trained_tokens} response tokens), "
          f"{len(eval_store) if eval_store is not None else 0} eval records")
@@ -325,32 +354,30 @@ def _train(cfg: Config, run: RunDirectory, dist) -> dict:
     params = trainable_parameters(model)  # (FSDP2 replaced them by sharded DTensors)
     if dist.world_size > 1:  # the same init on every rank above; from here each rank its own dropout masks
         torch.manual_seed(dist.rank_seed(cfg.train.seed))  # CPU and every CUDA device
+    objective = Objective(model, device, kl_to_base=cfg.train.kl_to_base, kl_tokens=cfg.train.kl_tokens,
+                          neftune_alpha=cfg.train.neftune_alpha, kernels=loss_kernels, autocast=autocast)
 
-    # ---- batching: packed bins of max_seq_len tokens, or one padded record a row ---------------------
+    # ---- batching: packed bins of max_seq_len tokens, or one padded record a row; shuffled or phased --
     pad_id = tokenizer.pad_id
-    mbs = cfg.train.micro_batch_size
+    phases = None
+    if cfg.data.curriculum != "none":
+        scores = _curriculum_scores(cfg, model, train_store, data_dir, run, pad_id=pad_id, device=device,
+                                    autocast=autocast, kernels=loss_kernels, dist=dist)
+        phases = curriculum_phases(scores, cfg.data.curriculum_phases)
+        _say(f"curriculum ({cfg.data.curriculum}): {len(phases)} phases of "
+             f"{', '.join(str(len(p)) for p in phases)} records, scores "
+             + ", ".join(f"{scores[p].min():.3g}-{scores[p].max():.3g}" for p in phases))
+    order = BatchOrder(train_store, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed, pad_id=pad_id,
+                       packing=cfg.data.packing, max_seq_len=cfg.data.max_seq_len,
+                       group_by_length=cfg.train.group_by_length, phases=phases)
     if cfg.data.packing:
-        plan = pack(train_store.lengths, cfg.data.max_seq_len, strategy="bfd")
-        num_units = len(plan.bin_offsets) - 1
-        _say(f"packing: {len(train_store)} records into {num_units} rows of {cfg.data.max_seq_len} tokens "
-             f"({plan.efficiency:.1%} of the capacity holds real tokens)")
-
-        def plan_epoch(e):
-            return packed_epoch_batches(num_units, mbs, cfg.train.seed, e)
-
-        def make_batch(bins):
-            return collate_packed(train_store, plan, bins, pad_id, cfg.data.max_seq_len)
-    else:
-        num_units = len(train_store)
-
-        def plan_epoch(e):
-            return epoch_batches(train_store.lengths, mbs, cfg.train.seed, e, cfg.train.group_by_length)
-
-        def make_batch(indices):
-            return collate(train_store, indices, pad_id)
+        _say(f"packing: {len(train_store)} records into {order.num_units} rows of {cfg.data.max_seq_len} tokens "
+             f"({order.efficiency:.1%} of the capacity holds real tokens"
+             f"{', each phase packed on its own' if phases is not None else ''})")
+    plan_epoch, make_batch = order.epoch, order.batch
 
     # ---- optimizer and schedule ---------------------------------------------------------------------
-    batches_per_epoch = math.ceil(num_units / mbs)
+    batches_per_epoch = order.batches_per_epoch
     step_batches = cfg.train.grad_accum * dist.world_size  # micro-batches of one (global) optimizer step
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * batches_per_epoch / step_batches))
     warmup = int(cfg.train.warmup_ratio * total_steps)
@@ -470,11 +497,11 @@ def _train(cfg: Config, run: RunDirectory, dist) -> dict:
                unit="step", dynamic_ncols=True)
     if device.type == "cuda":  # metrics report the peak of training, not of loading (a bf16 base before NF4)
         torch.cuda.reset_peak_memory_stats(device)
-    window = {"t": time.time(), "tokens": 0, "slots": 0, "response": 0, "loss": 0.0, "n": 0}
+    window = {"t": time.time(), "tokens": 0, "slots": 0, "response": 0, "loss": 0.0, "kl": 0.0, "n": 0}
     if "log_window" in state:  # the steps logged since the last record, from before the resume point
         restored = state.pop("log_window")
         window.update({k: restored[k] for k in ("tokens", "slots", "response", "loss", "n")},
-                      t=time.time() - restored["seconds"])
+                      kl=restored.get("kl", 0.0), t=time.time() - restored["seconds"])
     run.mark_started()
     last_eval = first_eval
     kernels_said = False
@@ -491,18 +518,16 @@ def _train(cfg: Config, run: RunDirectory, dist) -> dict:
                                                 sum(b["input_ids"].numel() for b in micro)])
         num_items = max(1, step_targets)
 
-        step_loss = 0.0
+        step_loss = step_kl = 0.0
         for batch in micro:
-            with autocast():
-                hidden = model(batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
-                               **_packed_args(batch, device))
-                loss = fused_linear_cross_entropy(hidden, model.lm_head.weight, batch["targets"].to(device),
-                                                  reduction="sum", num_items=num_items, kernels=loss_kernels,
-                                                  softcap=model.config.final_logit_softcapping)
+            loss, parts = objective(batch, num_items)
             loss.backward()
             step_loss += float(loss.detach())
+            step_kl += parts.get("kl", 0.0)
             signals.maybe_kill_for_test("micro", state["step"] + 1)
         step_loss = dist.reduce_gradients(params, step_loss)  # sum over the ranks: gradients and loss
+        if cfg.train.kl_to_base:
+            step_kl = dist.sum([step_kl])[0]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
         if math.isfinite(step_loss) and torch.isfinite(grad_norm):
             optimizer.step()
@@ -523,6 +548,7 @@ def _train(cfg: Config, run: RunDirectory, dist) -> dict:
         window["slots"] += slots
         window["response"] += num_items
         window["loss"] += step_loss
+        window["kl"] += step_kl
         window["n"] += 1
         bar.update(1)
 
@@ -536,9 +562,11 @@ def _train(cfg: Config, run: RunDirectory, dist) -> dict:
                       "peak_memory_bytes": peak_memory_bytes(device), "skipped_steps": state["skipped_steps"],
                       # real tokens / token slots of the batches (packed rows or padded records)
                       "packing_efficiency": window["tokens"] / max(window["slots"], 1)}
+            if cfg.train.kl_to_base:  # the anchor's KL(p_base || p) per response token (in loss, times beta)
+                record["kl_to_base"] = window["kl"] / window["n"]
             metrics.write(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            window = {"t": time.time(), "tokens": 0, "slots": 0, "response": 0, "loss": 0.0, "n": 0}
+            window = {"t": time.time(), "tokens": 0, "slots": 0, "response": 0, "loss": 0.0, "kl": 0.0, "n": 0}
         if cfg.eval.every and step % cfg.eval.every == 0 and step != total_steps:
             last_eval = evaluate(step, generate=False)
             _say(f"eval step {step}: " + _eval_line(last_eval, baseline))
@@ -627,4 +655,8 @@ def _report_lines(report: dict) -> list[str]:
         shares = ", ".join(f"{k} {v:.1%}" for k, v in mix["records"].items())
         tok_shares = ", ".join(f"{k} {v:.1%}" for k, v in mix["trained_tokens"].items())
         lines.append(f"mixture (records): {shares}; (response tokens): {tok_shares}")
+    replay = report.get("replay")
+    if replay:
+        lines.append(f"replay: {replay['name']} is {replay['realised_share']:.1%} of the trained tokens "
+                     f"({replay['trained_tokens']} tokens; data.replay.weight {replay['share']:.1%})")
     return lines

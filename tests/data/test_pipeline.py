@@ -8,6 +8,7 @@ import pytest
 
 from fastsft.data import (ByteTokenizer, DatasetSpec, TokenStore, build_dataset, load_tokenizer,
                           mixture_indices)
+from fastsft.data.pipeline import replay_indices
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 LLAMA2 = SHARED / "tokenizers" / "llama2"
@@ -146,6 +147,49 @@ def test_mixture_proportions(tmp_path):
     assert again.train == b.train
     other = build_dataset(specs, TOK, max_seq_len=64, seed=2)
     assert other.train != b.train
+
+
+# ------------------------------------------------------------------------------------------------
+# Replay (pretraining-style text against forgetting)
+
+
+def test_replay_indices_reach_the_closest_total():
+    rng = np.random.default_rng(0)
+    tokens = np.array([10, 20, 30, 40])
+    assert replay_indices(tokens, 0, rng).tolist() == []
+    picked = replay_indices(tokens, 100, rng)
+    assert sorted(picked.tolist()) == [0, 1, 2, 3]  # exactly everything once
+    twice_and_more = replay_indices(tokens, 250, rng)
+    counts = np.bincount(twice_and_more, minlength=4)
+    assert counts.min() >= 2 and abs(int(tokens[twice_and_more].sum()) - 250) <= 20  # the closest cut of the rest
+    for target in (5, 14, 36, 77):  # a prefix of one seeded order, whichever end is closer
+        got = int(tokens[replay_indices(tokens, target, np.random.default_rng(3))].sum())
+        order = tokens[np.random.default_rng(3).permutation(4)]
+        sums = np.concatenate([[0], np.cumsum(order)])
+        assert got == sums[np.argmin(np.abs(sums - target))], target
+
+
+@pytest.mark.parametrize("share", [0.1, 0.3, 0.6])
+def test_replay_makes_its_share_of_the_trained_tokens(tmp_path, share):
+    prose = [{"text": f"Plain sentence number {k} about rivers, hills and the weather today."} for k in range(60)]
+    b = build_dataset([DatasetSpec(write_jsonl(tmp_path / "a.jsonl", qa_records("a", 80)))], TOK, max_seq_len=64,
+                      seed=1, eval_fraction=0.1, replay=DatasetSpec(records=prose, name="prose", format="text"),
+                      replay_share=share)
+    rep = b.report["replay"]
+    replay_source = b.train.names.index("replay:prose")
+    trained = b.train.trained_per_record()
+    replayed = int(trained[b.train.source == replay_source].sum())
+    assert rep["trained_tokens"] == replayed and rep["realised_share"] == pytest.approx(replayed / trained.sum())
+    per_record = len(TOK.encode(prose[0]["text"])[0])  # every replay token is trained: about this many a record
+    assert abs(rep["realised_share"] - share) * trained.sum() <= per_record  # within one record of the target
+    assert b.report["mixture"]["trained_tokens"]["replay:prose"] == pytest.approx(rep["realised_share"])
+    assert all(not TOK.decode(ids).startswith("Plain") for ids, _ in b.eval)  # the meter-free eval: no replay
+    masks = [labels for ids, labels in b.train if TOK.decode(ids).startswith("Plain")]
+    assert masks and all((np.asarray(lab)[1:] != -100).all() for lab in masks)  # the loss on all its tokens
+    # (but the first, which nothing predicts)
+    with pytest.raises(ValueError, match="replay_share"):
+        build_dataset([DatasetSpec(write_jsonl(tmp_path / "b.jsonl", qa_records("b", 5)))], TOK, max_seq_len=64,
+                      replay=DatasetSpec(records=prose, name="prose", format="text"), replay_share=1.0)
 
 
 # ------------------------------------------------------------------------------------------------

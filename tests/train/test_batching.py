@@ -102,3 +102,63 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients():
     assert packed[0] == pytest.approx(padded[0], rel=1e-5)
     for g1, g2 in zip(packed[2], padded[2]):
         torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------- order
+
+from fastsft.train.batching import BatchOrder, curriculum_phases, packed_epoch_batches  # noqa: E402
+
+
+def _records_of(order, unit):
+    """The global record indices of one micro-batch."""
+    k, units = unit
+    local = order.stores[k]
+    if order.packing:
+        plan = order.plans[k]
+        items = np.concatenate([plan.items[plan.bin_offsets[b]:plan.bin_offsets[b + 1]] for b in units])
+    else:
+        items = np.asarray(units)
+    return order.phases[k][items], local
+
+
+def test_curriculum_phases_split_easy_to_hard():
+    scores = np.array([5.0, 1.0, 3.0, 2.0, 4.0, 0.5, 6.0])
+    phases = curriculum_phases(scores, 3)
+    assert [p.tolist() for p in phases] == [[1, 3, 5], [2, 4], [0, 6]]
+    assert [len(p) for p in curriculum_phases(scores, 10)] == [1] * 7  # never an empty phase
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_without_a_curriculum_the_order_is_the_plain_shuffle(packing):
+    """Runs started before BatchOrder existed resume on the same batches."""
+    store = _store(np.random.default_rng(2).integers(3, 40, 57))
+    order = BatchOrder(store, micro_batch_size=4, seed=7, pad_id=0, packing=packing, max_seq_len=64)
+    if packing:
+        want = packed_epoch_batches(order.num_units, 4, 7, 3)
+    else:
+        want = epoch_batches(store.lengths, 4, 7, 3)
+    got = order.epoch(3)
+    assert [k for k, _ in got] == [0] * len(want)
+    assert all(np.array_equal(a, b) for (_, a), b in zip(got, want))
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_curriculum_batches_never_mix_phases_and_come_easy_to_hard(packing):
+    lengths = np.random.default_rng(3).integers(3, 40, 61)
+    store = _store(lengths)
+    phases = curriculum_phases(lengths.astype(float), 3)
+    order = BatchOrder(store, micro_batch_size=3, seed=1, pad_id=0, packing=packing, max_seq_len=64, phases=phases)
+    for e in (0, 1):
+        batches = order.epoch(e)
+        ks = [k for k, _ in batches]
+        assert ks == sorted(ks) and set(ks) == {0, 1, 2}  # the phases in order, every epoch
+        seen = []
+        for unit in batches:
+            records, _ = _records_of(order, unit)
+            assert set(records.tolist()) <= set(phases[unit[0]].tolist())  # one phase a batch (and a row)
+            seen.extend(records.tolist())
+            batch = order.batch(unit)
+            assert batch["num_tokens"] == int(lengths[records].sum())
+        assert sorted(seen) == list(range(len(lengths)))  # every record once an epoch
+    assert [u.tolist() for _, u in order.epoch(1)] == [u.tolist() for _, u in order.epoch(1)]  # reproducible
+    assert [u.tolist() for _, u in order.epoch(0)] != [u.tolist() for _, u in order.epoch(1)]  # reshuffled

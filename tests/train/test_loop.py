@@ -3,6 +3,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -47,9 +48,17 @@ def test_outputs_and_metrics(tmp_path):
     assert (run / "checkpoints" / "step-6" / "adapter" / "adapter_model.safetensors").exists()
 
 
-def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [
+    {},
+    # the KL anchor's base forward, NEFTune's noise (packed rows, then padded rows) draw and resume as the rest
+    {"train.kl_to_base": 0.2, "train.kl_tokens": "all", "train.neftune_alpha": 5.0},
+    {"train.kl_to_base": 0.1, "train.neftune_alpha": 5.0, "data.packing": False},
+    # the base-loss scores are computed once and read back on resume (the model is no longer the base then)
+    {"data.curriculum": "base_loss", "data.curriculum_phases": 2},
+], ids=["plain", "kl-all-neftune", "kl-neftune-unpacked", "curriculum"])
+def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch, extra):
     overrides = {"train.grad_accum": 2, "lora.dropout": 0.1, "output.checkpoint_every": 3, "train.max_steps": 7,
-                 "eval.exact_match": 0}
+                 "eval.exact_match": 0, **extra}
     straight = tiny_cfg(tmp_path / "a", **overrides)
     train(straight)
 
@@ -81,6 +90,14 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch):
              if json.loads(l)["kind"] == "eval"]
     assert evals == sorted(set(evals)) and evals[0] == 0
     assert summary["eval_before"]["step"] == 0
+    if extra.get("data.curriculum"):
+        a_scores, b_scores = (np.load(tmp_path / d / "run" / "data" / "curriculum_scores.npy") for d in ("a", "b"))
+        assert np.array_equal(a_scores, b_scores) and np.isfinite(a_scores).all()
+    if extra.get("train.kl_to_base"):  # the anchor's KL is logged, the same after the resume
+        logs = [[json.loads(line) for line in (tmp_path / d / "run" / "metrics.jsonl").read_text().splitlines()]
+                for d in ("a", "b")]
+        kls = [[r["kl_to_base"] for r in log if r["kind"] == "train"] for log in logs]
+        assert kls[0] == kls[1] and kls[0][-1] > 0
 
 
 def test_resume_of_a_missing_directory_is_an_error_that_creates_nothing(tmp_path):

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from fastsft import cli
 from fastsft import config as cfgmod
-from fastsft.train import loop
+from fastsft.train import loop, objective
 from fastsft.train import signals
 from fastsft.train.checkpoint import latest_checkpoint
 
@@ -28,7 +28,7 @@ def cfg_for(tmp_path, **overrides):
 
 def poison(monkeypatch, bad_steps):
     """Make the training loss NaN (and so its gradients) in the given 1-based optimizer steps."""
-    real = loop.fused_linear_cross_entropy
+    real = objective.fused_linear_cross_entropy  # the training objective's loss (evaluation has its own)
     calls = {"n": 0}
 
     def loss_fn(*args, **kwargs):
@@ -37,7 +37,7 @@ def poison(monkeypatch, bad_steps):
         loss = real(*args, **kwargs)
         return loss * float("nan") if step in bad_steps else loss
 
-    monkeypatch.setattr(loop, "fused_linear_cross_entropy", loss_fn)
+    monkeypatch.setattr(objective, "fused_linear_cross_entropy", loss_fn)
 
 
 def trainable(ckpt):
