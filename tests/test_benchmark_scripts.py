@@ -218,3 +218,15 @@ def test_first_step_benchmark_smoke(tmp_path):
     _run(REPO / "benchmarks" / "bench_first_step.py", "--smoke", "--no-trl", "--out", out)
     rows = {r["provider"]: r for r in json.loads(out.read_text())["rows"]}
     assert not rows["fastsft-cold"]["token_stores_from_cache"] and rows["fastsft-cached"]["token_stores_from_cache"]
+
+
+def test_forgetting_benchmark_smoke(tmp_path):
+    """One arm of each kind and two curriculum rows run end to end (a few steps) into the result file."""
+    out = tmp_path / "r.json"
+    _run(REPO / "benchmarks" / "bench_forgetting.py", "--smoke", "--out", out, timeout=600)
+    result = json.loads(out.read_text())
+    assert [r["arm"] for r in result["arms"]] == ["none", "kl-0.1", "replay-0.1"]
+    for r in result["arms"]:
+        assert r["general_ppl_after"] > 0 and r["instruction_ppl_after"] > 0 and r["step_time_s"] > 0
+    assert all(r["kl_to_base_last"] is not None for r in result["arms"] if r["arm"].startswith("kl"))
+    assert [r["order"] for r in result["curriculum"]["rows"]] == ["shuffled", "base_loss"]
