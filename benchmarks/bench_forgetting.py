@@ -11,7 +11,8 @@ English prose the machine has: Python's bundled documentation (pydoc_data.topics
 the other half the replay text. Arms: none, kl-0.1, kl-1, replay-0.2, lora-r4.
 
 The "general knowledge": the tiny preset (random init, byte tokenizer) first trained in full on one family
-of the built-in tasks (add, sort, max, length) -- its "pretraining". Then instruction tuning on another
+of the built-in tasks (add, sort, max, length) written as plain text, the loss on every token -- its
+"pretraining". Then instruction tuning on another
 family (reverse, upper, json) with a deliberately high learning rate, in these arms:
 
     none            LoRA r=16, nothing against forgetting
@@ -165,7 +166,7 @@ def main() -> None:
               "--model.tokenizer", "byte", "--data.max_seq_len", "128", "--data.token_cache", "false",
               "--train.micro_batch_size", "8"]
 
-    general = write_jsonl(work / "general.jsonl", records(GENERAL, n_general, seed=1))
+    general = write_jsonl(work / "general.jsonl", as_text(records(GENERAL, n_general, seed=1)))  # pretraining text
     meter = write_jsonl(work / "general_meter.jsonl", as_text(records(GENERAL, 200, seed=2)))  # held out
     replay = write_jsonl(work / "replay.jsonl", as_text(records(GENERAL, n_general, seed=3)))  # not the meter's
     sft = write_jsonl(work / "sft.jsonl", records(INSTRUCTION, n_sft, seed=4))
