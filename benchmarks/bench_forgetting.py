@@ -150,13 +150,13 @@ def main() -> None:
     ap.add_argument("--pretrain-steps", type=int, default=400)
     ap.add_argument("--sft-steps", type=int, default=150)
     ap.add_argument("--sft-lr", type=float, default=3e-3)
-    ap.add_argument("--real", action="store_true", help="(b): SmolLM2-135M on GSM8K (default 30 steps, lr 1e-3)")
+    ap.add_argument("--real", action="store_true", help="(b): SmolLM2-135M on GSM8K (default 30 steps, lr 5e-3)")
     args = ap.parse_args()
     if args.real:
         if args.sft_steps == ap.get_default("sft_steps"):
             args.sft_steps = 30
         if args.sft_lr == ap.get_default("sft_lr"):
-            args.sft_lr = 1e-3
+            args.sft_lr = 5e-3
         return real(args)
     if args.smoke:
         args.pretrain_steps, args.sft_steps = 3, 3
