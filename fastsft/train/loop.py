@@ -87,7 +87,7 @@ def _curriculum_scores(cfg: Config, model, store, data_dir: Path, run, *, pad_id
         return store.lengths.astype(np.float64)
     path = data_dir / "curriculum_scores.npy"
     if path.exists():
-        scores = np.load(path)
+        scores = np.load(path, allow_pickle=False)
         if scores.shape != (len(store),):
             raise ConfigError(f"{path} holds {scores.shape[0]} scores for {len(store)} records; the run's data "
                               "changed")
