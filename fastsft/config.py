@@ -34,6 +34,13 @@ def _opt(default, help: str, choices: tuple | None = None):
 
 CURRICULA = ("none", "length", "base_loss")
 
+
+def curriculum_field(curriculum: str) -> str | None:
+    """The field path of a ``field:NAME`` curriculum (None for the others, and for an empty NAME)."""
+    if isinstance(curriculum, str) and curriculum.startswith("field:"):
+        return curriculum[len("field:"):].strip() or None
+    return None
+
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -82,8 +89,10 @@ class DataConfig:
                                      "data.general_text file: the forgetting meter must not see what it trains on.")
     curriculum: str = _opt("none", "Order the training records easy -> hard in data.curriculum_phases phases "
                                    "(shuffled and packed within each phase; every epoch repeats them): none, "
-                                   "length (tokens), or base_loss (the base model's mean response loss per "
-                                   "record, from one no-grad scoring pass before training).")
+                                   "length (tokens), base_loss (the base model's mean response loss per "
+                                   "record, from one no-grad scoring pass before training, cached with the "
+                                   "token stores), or field:NAME (a number every record holds at that field "
+                                   "path, e.g. field:difficulty or field:meta.level; lower is easier).")
     curriculum_phases: int = _opt(3, "Phases of the curriculum (records split by score into equal parts).")
     max_seq_len: int = _opt(512, "Records are truncated to this many tokens; ones left with no response are dropped.")
     train_on: str = _opt("all", "Multi-turn: train every assistant turn or only the last.", ("all", "last"))
@@ -375,8 +384,18 @@ def validate(cfg: Config) -> None:
         need(not cfg.data.general_text or _same_file(r["path"], cfg.data.general_text) is False, "data.replay.path",
              "is the data.general_text file: the forgetting meter would measure text it trains on; give the "
              "meter and the replay separate files")
-    need(cfg.data.curriculum in CURRICULA, "data.curriculum",
-         f"must be one of {', '.join(CURRICULA)}; got {cfg.data.curriculum!r}")
+    score_field = curriculum_field(cfg.data.curriculum)
+    need(cfg.data.curriculum in CURRICULA or score_field, "data.curriculum",
+         f"must be one of {', '.join(CURRICULA)} or field:NAME (a numeric field of every record); "
+         f"got {cfg.data.curriculum!r}")
+    if score_field:
+        from fastsft.data.errors import DataError
+        from fastsft.data.formats import _parse_path
+
+        try:
+            _parse_path(score_field)
+        except DataError as e:
+            need(False, "data.curriculum", str(e))
     need(cfg.data.curriculum_phases >= 1, "data.curriculum_phases", "must be at least 1")
     need(cfg.train.kl_to_base >= 0, "train.kl_to_base", "must be 0 (off) or positive")
     need(cfg.lora.enabled or not cfg.train.kl_to_base, "train.kl_to_base",

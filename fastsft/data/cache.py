@@ -7,6 +7,9 @@ add_bos, skip_bad_records, eval split, mixture weights, seed, the built-in data'
 version. A hit gives exactly the stores a fresh tokenisation would (same records, same order); anything
 that differs is a miss. Entries live in ``$FASTSFT_CACHE_DIR`` (default ``~/.cache/fastsft/token-stores``),
 one directory per key, written atomically; ``data.token_cache: false`` turns the cache off.
+
+An entry also keeps the base model's per-record losses of a ``base_loss`` curriculum, one file per base
+(:func:`model_fingerprint`), so a rerun on the same data and base skips the scoring pass.
 """
 
 from __future__ import annotations
@@ -81,7 +84,62 @@ def cache_key(cfg, tokenizer) -> str | None:
         "builtin_size": None if data.datasets else data.builtin_size, "seed": cfg.train.seed,
         "replay": data.replay,
     }
+    if data.curriculum.startswith("field:"):  # the stores then keep each record's number
+        what["score_field"] = data.curriculum
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def model_fingerprint(cfg) -> str | None:
+    """What decides a base model's losses on the cached records: every model option, the seed (a preset's
+    random weights), and each weight file's name, size and modification time (not its bytes: hashing a
+    16 GB checkpoint would cost more than it saves). None for a model that is not a local path or preset
+    (nothing is cached for it)."""
+    import dataclasses
+
+    what = {"model": dataclasses.asdict(cfg.model), "seed": cfg.train.seed}
+    if cfg.model.path:
+        p = Path(cfg.model.path).expanduser()
+        if not p.exists():
+            return None
+        files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+        what["files"] = [(q.relative_to(p).as_posix() if p.is_dir() else q.name, q.stat().st_size,
+                          q.stat().st_mtime_ns) for q in files]
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _scores_file(key: str | None, fingerprint: str | None) -> Path | None:
+    if key is None or fingerprint is None:
+        return None
+    return cache_root() / key / f"base-loss-{fingerprint}.npy"
+
+
+def load_scores(key: str | None, fingerprint: str | None, n: int):
+    """The base model's per-record losses (``data.curriculum: base_loss``) an earlier run on the same token
+    stores and the same base cached, or None."""
+    import numpy as np
+
+    path = _scores_file(key, fingerprint)
+    try:
+        scores = np.load(path, allow_pickle=False) if path is not None and path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return scores if scores is not None and scores.shape == (n,) else None
+
+
+def store_scores(key: str | None, fingerprint: str | None, scores) -> None:
+    """Keep the base model's per-record losses beside the token stores they score (best effort, atomic)."""
+    import numpy as np
+
+    path = _scores_file(key, fingerprint)
+    if path is None or not path.parent.is_dir():
+        return
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, np.asarray(scores, dtype=np.float64))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
 
 
 def _digests(directory: Path) -> dict[str, str]:

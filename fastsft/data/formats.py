@@ -47,6 +47,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import math
 import os
 import re
 from collections import Counter
@@ -722,6 +723,30 @@ def record_elements(record: Any, fields: Mapping[str, str]) -> list[int | None]:
     if not value:
         raise RecordError(f"field {label!r} is an empty list (no example to take from it)")
     return list(range(len(value)))
+
+
+def field_number(record: Any, src: str, element: int | None = None, *, role: str = "score") -> float:
+    """The number at field path ``src`` of a record (``[*]`` takes element ``element``): an int or float
+    (or a string that spells one), finite. RecordError naming the path and why otherwise."""
+    if not isinstance(record, dict):
+        raise RecordError("record is not a JSON object")
+    try:
+        value = _resolve(record, src, element)
+    except _NotFound as e:
+        raise RecordError(f"field {src!r} ({role}) not found: {e.reason or f'the record has no key {src!r}'}") \
+            from None
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            number = None
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        shown = value if isinstance(value, str) and len(value) <= 40 else _json_type(value)
+        raise RecordError(f"field {src!r} ({role}) must be a number, got {shown!r}")
+    if not math.isfinite(number):
+        raise RecordError(f"field {src!r} ({role}) must be a finite number, got {value!r}")
+    return float(number)
 
 
 def element_label(fields: Mapping[str, str], element: int | None) -> str | None:

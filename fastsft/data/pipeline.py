@@ -26,7 +26,7 @@ import numpy as np
 
 from .errors import DataError, RecordError
 from .formats import (FORMATS, RawRecord, apply_fields, check_fields, detect_file_format,
-                      detect_format, detection_sample, element_label, iter_records, normalize,
+                      detect_format, detection_sample, element_label, field_number, iter_records, normalize,
                       record_elements, records_from_memory)
 from .store import IGNORE_INDEX, TokenStore
 from .templates import TRAIN_ON, Rendered, render_example
@@ -199,9 +199,10 @@ class _BadRecords:
 
 def load_dataset(spec: DatasetSpec, tokenizer: Tokenizer, *, max_seq_len: int, train_on: str = "all",
                  add_bos: Any = "auto", skip_bad_records: bool = False, source: int = 0,
-                 name: str | None = None) -> tuple[TokenStore, dict]:
+                 name: str | None = None, score_field: str | None = None) -> tuple[TokenStore, dict]:
     """Read, validate and encode one dataset into a TokenStore (all records, before any split or
-    mixing) plus its report entry."""
+    mixing) plus its report entry. ``score_field``: a field path whose number each record must have,
+    kept as the store's ``score`` (the curriculum's ``field:NAME``)."""
     name = name or spec.display_name
     path = str(spec.path) if spec.path is not None else name
     fields = spec.fields or {}
@@ -223,6 +224,7 @@ def load_dataset(spec: DatasetSpec, tokenizer: Tokenizer, *, max_seq_len: int, t
     # the rendered text is kept, and where each record came from (not the record).
     rendered: list[Rendered] = []
     kept_raws: list[RawRecord] = []
+    scores: list[float] = []  # with score_field: each kept record's number, in step with kept_raws
     n_read = n_source = 0
     for raw in itertools.chain(head, raws):
         n_source += 1
@@ -240,8 +242,12 @@ def load_dataset(spec: DatasetSpec, tokenizer: Tokenizer, *, max_seq_len: int, t
                            part=element_label(fields, element))
             try:
                 example = normalize(raw.value, fmt, fields, element=element)
+                if score_field is not None:
+                    score = field_number(raw.value, score_field, element, role="the curriculum's score")
                 rendered.append(render_example(example, fmt, tokenizer, train_on))
                 kept_raws.append(at)
+                if score_field is not None:
+                    scores.append(score)
             except RecordError as e:
                 bad(e, at, path)
     del head
@@ -251,18 +257,19 @@ def load_dataset(spec: DatasetSpec, tokenizer: Tokenizer, *, max_seq_len: int, t
     except Exception:
         # find the culprit record so the error can name it
         encoded = []
-        good_raws = []
-        for r, raw in zip(rendered, kept_raws):
+        good = []
+        for i, (r, raw) in enumerate(zip(rendered, kept_raws)):
             try:
                 encoded.extend(tokenize_rendered([r], tokenizer, add_bos))
-                good_raws.append(raw)
+                good.append(i)
             except Exception as e:
                 bad(RecordError(f"tokenizer failed: {type(e).__name__}: {e}"), raw, path)
-        kept_raws = good_raws
+        kept_raws = [kept_raws[i] for i in good]
+        scores = [scores[i] for i in good] if score_field is not None else scores
 
-    kept, dropped, truncated = [], 0, 0
+    kept, kept_scores, dropped, truncated = [], [], 0, 0
     cut_tokens = cut_trained = 0  # of the records kept, what truncation removed
-    for (ids, labels), raw in zip(encoded, kept_raws):
+    for k, ((ids, labels), raw) in enumerate(zip(encoded, kept_raws)):
         if all(l == IGNORE_INDEX for l in labels):
             bad(RecordError("record has no trained tokens"), raw, path)
             continue
@@ -276,6 +283,8 @@ def load_dataset(spec: DatasetSpec, tokenizer: Tokenizer, *, max_seq_len: int, t
             cut_tokens += len(rest)
             cut_trained += sum(1 for l in rest if l != IGNORE_INDEX)
         kept.append((ids, labels))
+        if score_field is not None:
+            kept_scores.append(scores[k])
     if dropped and len(kept) <= 0.01 * (len(kept) + dropped):  # "almost none": training on a handful is an error
         raise DataError(f"only {len(kept)} of {len(kept) + dropped} records are left: {dropped} lose every trained "
                         f"token when truncated to max_seq_len={max_seq_len}; raise data.max_seq_len", path=path)
@@ -286,7 +295,8 @@ def load_dataset(spec: DatasetSpec, tokenizer: Tokenizer, *, max_seq_len: int, t
                             f"(first: {bad.examples[0]})", path=path)
         raise DataError(f"no usable records: all {dropped} records lose every trained token when "
                         f"truncated to max_seq_len={max_seq_len}", path=path)
-    store = TokenStore.from_records(kept, source=source, names=None)
+    store = TokenStore.from_records(kept, source=source, names=None,
+                                    score=kept_scores if score_field is not None else None)
     report = {
         "name": name,
         "path": None if spec.path is None else str(spec.path),
@@ -381,7 +391,7 @@ def _summary(store: TokenStore) -> dict:
 def build_dataset(specs: Sequence[Any], tokenizer: Any, *, max_seq_len: int, train_on: str = "all",
                   add_bos: Any = "auto", skip_bad_records: bool = False, eval_fraction: float = 0.0,
                   eval_specs: Sequence[Any] | None = None, seed: int = 0, replay: Any = None,
-                  replay_share: float = 0.0) -> DatasetBundle:
+                  replay_share: float = 0.0, score_field: str | None = None) -> DatasetBundle:
     """Read, validate, encode, split and mix datasets.
 
     specs: DatasetSpec, paths, or dicts of DatasetSpec fields. tokenizer: a Tokenizer or anything
@@ -392,7 +402,10 @@ def build_dataset(specs: Sequence[Any], tokenizer: Any, *, max_seq_len: int, tra
 
     replay: a dataset of pretraining-style text (format "text": every token trained) mixed in so that it
     makes ``replay_share`` of the trained tokens (against forgetting); never split off for eval. The
-    report's ``replay`` says the share asked for and the share realised."""
+    report's ``replay`` says the share asked for and the share realised.
+
+    score_field: a field path every training record must hold a number at (``data.curriculum:
+    field:NAME``); the train store's ``score`` keeps it (NaN for replay records, which have none)."""
     if isinstance(specs, (str, Path, DatasetSpec, Mapping)):
         specs = [specs]
     specs = [DatasetSpec.coerce(s) for s in specs]
@@ -421,7 +434,7 @@ def build_dataset(specs: Sequence[Any], tokenizer: Any, *, max_seq_len: int, tra
         raise ValueError("too many datasets (source ids are int16)")
 
     # read, validate and encode everything first (train and eval files alike)
-    loaded = [load_dataset(s, tokenizer, source=i, name=nm, **kw)
+    loaded = [load_dataset(s, tokenizer, source=i, name=nm, score_field=score_field, **kw)
               for i, (s, nm) in enumerate(zip(specs, names))]
     loaded_eval = [load_dataset(s, tokenizer, source=i, name=nm, **kw)
                    for i, (s, nm) in enumerate(zip(eval_specs, eval_names))]

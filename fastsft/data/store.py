@@ -6,6 +6,8 @@
     offsets int64 [N+1]  record i is ids[offsets[i]:offsets[i+1]]
     source  int16 [N]    which dataset record i came from (an index into `names`)
     names   list[str]    dataset names
+    score   float64 [N]  optional: a number per record read from the data (``data.curriculum:
+                         field:NAME``), NaN for records without one (replay text); None when not asked for
 
 Packing and samplers only read `lengths`/`offsets` and slice the buffers; nothing per record is a
 Python object. `select(indices)` builds splits, mixtures and repetitions with one gather.
@@ -25,7 +27,8 @@ _FORMAT_VERSION = 1
 
 class TokenStore:
     def __init__(self, ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray,
-                 source: np.ndarray | None = None, names: Sequence[str] | None = None):
+                 source: np.ndarray | None = None, names: Sequence[str] | None = None,
+                 score: np.ndarray | None = None):
         self.ids = np.ascontiguousarray(ids, dtype=np.int32)
         self.labels = np.ascontiguousarray(labels, dtype=np.int32)
         self.offsets = np.ascontiguousarray(offsets, dtype=np.int64)
@@ -33,6 +36,9 @@ class TokenStore:
         self.source = (np.zeros(n, np.int16) if source is None
                        else np.ascontiguousarray(source, dtype=np.int16))
         self.names = list(names) if names is not None else []
+        self.score = None if score is None else np.ascontiguousarray(score, dtype=np.float64)
+        if self.score is not None and self.score.shape != (max(n, 0),):
+            raise ValueError(f"score has shape {self.score.shape}, expected ({n},)")
         if n < 0 or self.offsets[0] != 0 or self.offsets[-1] != len(self.ids):
             raise ValueError("offsets must start at 0 and end at len(ids)")
         if self.ids.shape != self.labels.shape or self.ids.ndim != 1:
@@ -50,8 +56,9 @@ class TokenStore:
 
     @classmethod
     def from_records(cls, records: Iterable[tuple[Sequence[int], Sequence[int]]],
-                     source: int | Sequence[int] = 0, names: Sequence[str] | None = None) -> "TokenStore":
-        """Build from (ids, labels) pairs (lists or arrays)."""
+                     source: int | Sequence[int] = 0, names: Sequence[str] | None = None,
+                     score: Sequence[float] | None = None) -> "TokenStore":
+        """Build from (ids, labels) pairs (lists or arrays); ``score``: one number per record, or None."""
         id_parts, label_parts, lengths = [], [], []
         for ids, labels in records:
             if len(ids) != len(labels):
@@ -60,11 +67,13 @@ class TokenStore:
             label_parts.append(np.asarray(labels, dtype=np.int32))
             lengths.append(len(ids))
         if not lengths:
-            return cls.empty(names)
+            store = cls.empty(names)
+            store.score = None if score is None else np.zeros(0)
+            return store
         offsets = np.zeros(len(lengths) + 1, np.int64)
         np.cumsum(lengths, out=offsets[1:])
         src = np.broadcast_to(np.asarray(source, dtype=np.int16), (len(lengths),))
-        return cls(np.concatenate(id_parts), np.concatenate(label_parts), offsets, src, names)
+        return cls(np.concatenate(id_parts), np.concatenate(label_parts), offsets, src, names, score)
 
     # --- access ---------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -115,7 +124,8 @@ class TokenStore:
         np.cumsum(lens, out=offsets[1:])
         # token t of the output comes from starts[r] + (t - offsets[r]) for its record r
         gather = np.repeat(starts - offsets[:-1], lens) + np.arange(offsets[-1], dtype=np.int64)
-        return TokenStore(self.ids[gather], self.labels[gather], offsets, self.source[idx], self.names)
+        return TokenStore(self.ids[gather], self.labels[gather], offsets, self.source[idx], self.names,
+                          None if self.score is None else self.score[idx])
 
     @staticmethod
     def concat(stores: Sequence["TokenStore"]) -> "TokenStore":
@@ -137,12 +147,15 @@ class TokenStore:
             else:
                 src = s.source
             sources.append(src)
+        score = None
+        if any(s.score is not None for s in stores):  # a store without scores gives NaN (no score)
+            score = np.concatenate([s.score if s.score is not None else np.full(len(s), np.nan) for s in stores])
         lens = np.concatenate([s.lengths for s in stores])
         offsets = np.zeros(len(lens) + 1, np.int64)
         np.cumsum(lens, out=offsets[1:])
         return TokenStore(np.concatenate([s.ids for s in stores]),
                           np.concatenate([s.labels for s in stores]), offsets,
-                          np.concatenate(sources), names)
+                          np.concatenate(sources), names, score)
 
     # --- persistence ----------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -156,7 +169,8 @@ class TokenStore:
             with open(tmp, "wb") as f:
                 np.savez(f, ids=self.ids, labels=self.labels, offsets=self.offsets, source=self.source,
                          names=np.asarray(self.names, dtype=np.str_).reshape(-1),
-                         version=np.asarray(_FORMAT_VERSION))
+                         version=np.asarray(_FORMAT_VERSION),
+                         **({} if self.score is None else {"score": self.score}))
                 f.flush()
                 os.fsync(f.fileno())  # on disk before the rename: a crash leaves the old store or the new
             os.replace(tmp, path)
@@ -175,14 +189,17 @@ class TokenStore:
             if version != _FORMAT_VERSION:
                 raise ValueError(f"{path}: token store format version {version}, expected {_FORMAT_VERSION}")
             names = [str(x) for x in z["names"]] if "names" in z else None
-            return cls(z["ids"], z["labels"], z["offsets"], z["source"], names)
+            return cls(z["ids"], z["labels"], z["offsets"], z["source"], names,
+                       z["score"] if "score" in z else None)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, TokenStore):
             return NotImplemented
         return (np.array_equal(self.ids, other.ids) and np.array_equal(self.labels, other.labels)
                 and np.array_equal(self.offsets, other.offsets)
-                and np.array_equal(self.source, other.source) and self.names == other.names)
+                and np.array_equal(self.source, other.source) and self.names == other.names
+                and (self.score is None) == (other.score is None)
+                and (self.score is None or np.array_equal(self.score, other.score, equal_nan=True)))
 
     __hash__ = None  # mutable buffers
 

@@ -111,9 +111,15 @@ def collate_packed(store, plan, bins: np.ndarray, pad_id: int, width: int) -> di
 
 def curriculum_phases(scores: np.ndarray, phases: int) -> list[np.ndarray]:
     """Record indices of ``phases`` groups of (nearly) equal size by ascending score (easy first); ties
-    keep the store's order."""
-    order = np.argsort(np.asarray(scores, dtype=np.float64), kind="stable")
-    return [np.sort(part) for part in np.array_split(order, phases) if len(part)]
+    keep the store's order. Records without a score (NaN: replay text under a ``field:NAME`` curriculum)
+    are split evenly over the phases (in store order, which is shuffled), so each phase replays its share."""
+    scores = np.asarray(scores, dtype=np.float64)
+    unscored = np.isnan(scores)
+    scored = np.flatnonzero(~unscored)
+    order = scored[np.argsort(scores[scored], kind="stable")]
+    parts = np.array_split(order, phases) if len(order) else [order] * phases
+    extra = np.array_split(np.flatnonzero(unscored), phases)
+    return [np.sort(np.concatenate([p, x])) for p, x in zip(parts, extra) if len(p) + len(x)]
 
 
 class BatchOrder:

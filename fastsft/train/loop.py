@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from fastsft import config as config_mod
 from fastsft import kernel_usage
-from fastsft.config import Config, ConfigError
+from fastsft.config import Config, ConfigError, curriculum_field
 from fastsft.data import DatasetSpec, TokenStore, build_dataset, load_tokenizer
 from fastsft.data import cache as token_cache
 from fastsft.data.builtin import generate as generate_builtin
@@ -78,13 +78,25 @@ def _text_spec(path: str) -> DatasetSpec:
     return DatasetSpec(path=path, format="text")
 
 
+def _score_range(scores: np.ndarray) -> str:
+    scored = scores[~np.isnan(scores)]
+    return f"{scored.min():.3g}-{scored.max():.3g}" if len(scored) else "none"
+
+
 def _curriculum_scores(cfg: Config, model, store, data_dir: Path, run, *, pad_id, device, autocast, kernels,
-                       dist) -> np.ndarray:
-    """Each training record's difficulty: its length, or the base model's mean response loss (one no-grad
-    pass, timed; saved as data/curriculum_scores.npy and read back on resume, where the model is no longer
-    the base). Records the scoring cannot score (no response token) count as the hardest."""
+                       dist, cache_key: str | None) -> np.ndarray:
+    """Each training record's difficulty: its length, the number its data holds at a field (NaN for replay
+    text, which the phases share evenly), or the base model's mean response loss (one no-grad pass, timed;
+    saved as data/curriculum_scores.npy and read back on resume, where the model is no longer the base; and
+    kept in the token cache beside the stores, so a rerun on the same data and base reads them too).
+    Records the scoring cannot score (no response token) count as the hardest."""
     if cfg.data.curriculum == "length":
         return store.lengths.astype(np.float64)
+    if curriculum_field(cfg.data.curriculum):
+        if store.score is None:
+            raise ConfigError(f"data.curriculum {cfg.data.curriculum}: the token stores hold no scores (made "
+                              "without this curriculum); start a fresh run")
+        return store.score
     path = data_dir / "curriculum_scores.npy"
     if path.exists():
         scores = np.load(path, allow_pickle=False)
@@ -92,14 +104,21 @@ def _curriculum_scores(cfg: Config, model, store, data_dir: Path, run, *, pad_id
             raise ConfigError(f"{path} holds {scores.shape[0]} scores for {len(store)} records; the run's data "
                               "changed")
         return scores
-    started = time.time()
-    with adapters_disabled(model):  # the base, also if the adapters ever trained
-        scores = record_losses(model, store, pad_id=pad_id, batch_size=cfg.eval.batch_size, device=device,
-                               autocast=autocast, kernels=kernels)
-    scores = np.where(np.isnan(scores), np.inf, scores)
-    seconds = time.time() - started
-    _say(f"curriculum: base-model loss of {len(store)} records in {seconds:.1f}s "
-         f"({len(store) / max(seconds, 1e-9):.0f} records/s)")
+    fingerprint = token_cache.model_fingerprint(cfg)
+    scores = token_cache.load_scores(cache_key, fingerprint, len(store))
+    if scores is not None:
+        _say(f"curriculum: base-model loss of {len(store)} records from the token cache")
+    else:
+        started = time.time()
+        with adapters_disabled(model):  # the base, also if the adapters ever trained
+            scores = record_losses(model, store, pad_id=pad_id, batch_size=cfg.eval.batch_size, device=device,
+                                   autocast=autocast, kernels=kernels)
+        scores = np.where(np.isnan(scores), np.inf, scores)
+        seconds = time.time() - started
+        _say(f"curriculum: base-model loss of {len(store)} records in {seconds:.1f}s "
+             f"({len(store) / max(seconds, 1e-9):.0f} records/s)")
+        if dist.is_main:
+            token_cache.store_scores(cache_key, fingerprint, scores)
     if dist.is_main:
         with writing(data_dir, "the curriculum scores"):
             buffer = io.BytesIO()
@@ -277,7 +296,8 @@ def _train(cfg: Config, run: RunDirectory, dist) -> dict:
                                eval_fraction=0.0 if eval_specs else cfg.data.eval_fraction,
                                eval_specs=eval_specs, seed=cfg.train.seed,
                                replay=_text_spec(cfg.data.replay["path"]) if cfg.data.replay else None,
-                               replay_share=cfg.data.replay["weight"] if cfg.data.replay else 0.0)
+                               replay_share=cfg.data.replay["weight"] if cfg.data.replay else 0.0,
+                               score_field=curriculum_field(cfg.data.curriculum))
         train_store, eval_store, report = bundle.train, bundle.eval, bundle.report
         if dist.is_main:  # every rank tokenizes the same records the same way; rank 0 keeps them
             with writing(data_dir, "the token stores"):
@@ -362,11 +382,11 @@ def _train(cfg: Config, run: RunDirectory, dist) -> dict:
     phases = None
     if cfg.data.curriculum != "none":
         scores = _curriculum_scores(cfg, model, train_store, data_dir, run, pad_id=pad_id, device=device,
-                                    autocast=autocast, kernels=loss_kernels, dist=dist)
+                                    autocast=autocast, kernels=loss_kernels, dist=dist, cache_key=cache_key)
         phases = curriculum_phases(scores, cfg.data.curriculum_phases)
         _say(f"curriculum ({cfg.data.curriculum}): {len(phases)} phases of "
              f"{', '.join(str(len(p)) for p in phases)} records, scores "
-             + ", ".join(f"{scores[p].min():.3g}-{scores[p].max():.3g}" for p in phases))
+             + ", ".join(_score_range(scores[p]) for p in phases))
     order = BatchOrder(train_store, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed, pad_id=pad_id,
                        packing=cfg.data.packing, max_seq_len=cfg.data.max_seq_len,
                        group_by_length=cfg.train.group_by_length, phases=phases)

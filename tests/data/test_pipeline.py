@@ -192,6 +192,44 @@ def test_replay_makes_its_share_of_the_trained_tokens(tmp_path, share):
                       replay=DatasetSpec(records=prose, name="prose", format="text"), replay_share=1.0)
 
 
+def test_score_field_is_read_per_record_and_kept_through_splits_replay_and_files(tmp_path):
+    """data.curriculum field:NAME: each record's number (nested paths, numeric strings) rides with its
+    tokens through the eval split, the mixture, the shuffle and save/load; replay records have none."""
+    recs = [{"prompt": f"q{k}?", "completion": f"a{k}", "meta": {"level": k if k % 2 else str(k)}}
+            for k in range(30)]
+    prose = [{"text": f"Plain sentence {k} about the weather."} for k in range(20)]
+    b = build_dataset([DatasetSpec(write_jsonl(tmp_path / "a.jsonl", recs))], TOK, max_seq_len=64, seed=2,
+                      eval_fraction=0.2, replay=DatasetSpec(records=prose, name="prose", format="text"),
+                      replay_share=0.2, score_field="meta.level")
+    texts = [TOK.decode(ids) for ids, _ in b.train]
+    for text, score in zip(texts, b.train.score):
+        if text.startswith("Plain"):
+            assert np.isnan(score)
+        else:  # the record's own number, after the shuffle
+            assert score == float(text.split("q")[1].split("?")[0])
+    assert b.eval.score is not None and not np.isnan(b.eval.score).any()
+    again = TokenStore.load(b.train.save(tmp_path / "train.npz"))
+    assert again == b.train and np.array_equal(again.score, b.train.score, equal_nan=True)
+    plain = build_dataset([DatasetSpec(tmp_path / "a.jsonl")], TOK, max_seq_len=64, seed=2)
+    assert plain.train.score is None  # not asked for: not stored
+
+
+def test_a_missing_or_non_numeric_score_names_the_record(tmp_path):
+    from helpers import data_error
+
+    recs = [{"prompt": "q?", "completion": "a", "difficulty": 1}, {"prompt": "q?", "completion": "a"}]
+    msg = data_error(write_jsonl(tmp_path / "m.jsonl", recs), score_field="difficulty")
+    assert msg.startswith(f"{tmp_path / 'm.jsonl'}:2") and "field 'difficulty' (the curriculum's score) not found" in msg
+    recs[1]["difficulty"] = "hard"
+    msg = data_error(write_jsonl(tmp_path / "m.jsonl", recs), score_field="difficulty")
+    assert "field 'difficulty' (the curriculum's score) must be a number, got 'hard'" in msg
+    recs[1]["difficulty"] = True
+    assert "must be a number" in data_error(write_jsonl(tmp_path / "m.jsonl", recs), score_field="difficulty")
+    b = build_dataset([DatasetSpec(tmp_path / "m.jsonl")], TOK, max_seq_len=64, skip_bad_records=True,
+                      score_field="difficulty")
+    assert len(b.train) == 1 and b.report["datasets"][0]["bad_skipped"] == 1
+
+
 # ------------------------------------------------------------------------------------------------
 # Eval split
 

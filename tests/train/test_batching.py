@@ -128,6 +128,14 @@ def test_curriculum_phases_split_easy_to_hard():
     assert [len(p) for p in curriculum_phases(scores, 10)] == [1] * 7  # never an empty phase
 
 
+def test_records_without_a_score_are_dealt_evenly_over_the_phases():
+    """field:NAME curricula: replay text has no score (NaN); each phase gets its share, never all the last."""
+    scores = np.array([np.nan, 3.0, np.nan, 1.0, 2.0, np.nan, 0.0, np.nan, 5.0, 4.0, np.nan, np.nan])
+    phases = curriculum_phases(scores, 3)
+    assert [p.tolist() for p in phases] == [[0, 2, 3, 6], [1, 4, 5, 7], [8, 9, 10, 11]]
+    assert [p.tolist() for p in curriculum_phases(np.full(4, np.nan), 2)] == [[0, 1], [2, 3]]
+
+
 @pytest.mark.parametrize("packing", [True, False])
 def test_without_a_curriculum_the_order_is_the_plain_shuffle(packing):
     """Runs started before BatchOrder existed resume on the same batches."""

@@ -266,3 +266,40 @@ def test_a_fallback_shows_in_summary_and_on_the_console(tmp_path, monkeypatch, c
     out = capsys.readouterr()
     line = next(x for x in (out.out + out.err).splitlines() if x.startswith("kernels: "))
     assert "; attention reference (TypeError: " in line and "window_size" in line
+
+
+def test_field_curriculum_orders_by_the_data_and_survives_the_token_cache(tmp_path, capsys):
+    """data.curriculum field:NAME: phases from each record's own number (easy first); a second run of the same
+    data takes the token stores, scores included, from the cache."""
+    recs = [{"prompt": f"what is {k} plus {k}?", "completion": f"{2 * k}", "meta": {"level": k % 5}}
+            for k in range(60)]
+    path = tmp_path / "graded.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    for name in ("first", "second"):
+        cfg = tiny_cfg(tmp_path / name, **{"data.datasets": [str(path)], "data.curriculum": "field:meta.level",
+                                           "data.curriculum_phases": 2, "train.max_steps": 2, "eval.exact_match": 0})
+        train(cfg)
+        out = capsys.readouterr().out
+        line = next(l for l in out.splitlines() if "curriculum (field:meta.level)" in l)
+        assert line.endswith("scores 0-2, 2-4"), line  # 0,1,2 then 2,3,4 (the 2s split to even the halves)
+    assert "token stores from the cache" in out
+    with pytest.raises(cfgmod.ConfigError, match="data.curriculum"):
+        tiny_cfg(tmp_path, **{"data.curriculum": "field:"})
+    with pytest.raises(cfgmod.ConfigError, match=r"'\[' is never closed"):
+        tiny_cfg(tmp_path, **{"data.curriculum": "field:a[0"})
+
+
+def test_base_loss_scores_are_cached_per_base_model(tmp_path, capsys):
+    """A rerun on the same data and base model reads the base-loss scores from the token cache (no scoring
+    pass); another base model scores again."""
+    def run(name, **extra):
+        train(tiny_cfg(tmp_path / name, **{"data.curriculum": "base_loss", "data.curriculum_phases": 2,
+                                           "train.max_steps": 1, "eval.exact_match": 0, **extra}))
+        line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("curriculum: base-model loss"))
+        return line, np.load(tmp_path / name / "run" / "data" / "curriculum_scores.npy")
+
+    first, scores = run("a")
+    again, cached = run("b")
+    assert "records in" in first and again.endswith("from the token cache") and np.array_equal(scores, cached)
+    other, rescored = run("c", **{"model.config": "tiny"})
+    assert "records in" in other and not np.array_equal(scores, rescored)
