@@ -127,7 +127,12 @@ class TrainConfig:
     kl_to_base: float = _opt(0.0, "Beta of a KL anchor to the base model against forgetting: each covered token's loss "
                                   "adds beta * KL(p_base || p_tuned), the base being the model with its LoRA "
                                   "adapters off (one more no-grad forward a micro-batch; no second copy of the "
-                                  "weights). Needs lora.enabled. 0: off.")
+                                  "weights). Needs lora.enabled, or train.kl_base_topk. 0: off.")
+    kl_base_topk: int = _opt(0, "The KL anchor without a base forward in training: k > 0 runs the base once before "
+                                "training and caches its k most likely next tokens and their log-probs, plus the "
+                                "rest's mass, for every token (with the token stores: 8k + 4 bytes a token); the KL is "
+                                "then taken over those k tokens and the tail. Also works for full fine-tuning (the "
+                                "cache is the frozen base). 0: the base runs forward every micro-batch.")
     kl_tokens: str = _opt("response", "Which tokens the KL anchor covers: response (those the loss trains on) or "
                                       "all (prompt tokens too).", ("response", "all"))
     neftune_alpha: float = _opt(0.0, "NEFTune: uniform noise on the input embeddings in training, scaled "
@@ -398,9 +403,13 @@ def validate(cfg: Config) -> None:
             need(False, "data.curriculum", str(e))
     need(cfg.data.curriculum_phases >= 1, "data.curriculum_phases", "must be at least 1")
     need(cfg.train.kl_to_base >= 0, "train.kl_to_base", "must be 0 (off) or positive")
-    need(cfg.lora.enabled or not cfg.train.kl_to_base, "train.kl_to_base",
+    need(cfg.lora.enabled or not cfg.train.kl_to_base or cfg.train.kl_base_topk > 0, "train.kl_to_base",
          "needs lora.enabled: the base is the model with its adapters off (full fine-tuning would need a frozen "
-         "copy of every weight, which fastsft does not make)")
+         "copy of every weight, which fastsft does not make); or train.kl_base_topk k, whose cache of the "
+         "base's top-k log-probs is made before training")
+    need(cfg.train.kl_base_topk >= 0, "train.kl_base_topk", "must be 0 (off) or a positive k")
+    need(not cfg.train.kl_base_topk or cfg.train.kl_to_base > 0, "train.kl_base_topk",
+         "caches the base for the KL anchor, which is off: set train.kl_to_base too")
     need(cfg.train.neftune_alpha >= 0, "train.neftune_alpha", "must be 0 (off) or positive")
     need(cfg.lora.enabled or not cfg.train.fsdp, "train.fsdp",
          "needs lora.enabled (sharded full fine-tuning is not supported: checkpoints gather the trainable weights whole)")

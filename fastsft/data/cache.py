@@ -8,8 +8,9 @@ version. A hit gives exactly the stores a fresh tokenisation would (same records
 that differs is a miss. Entries live in ``$FASTSFT_CACHE_DIR`` (default ``~/.cache/fastsft/token-stores``),
 one directory per key, written atomically; ``data.token_cache: false`` turns the cache off.
 
-An entry also keeps the base model's per-record losses of a ``base_loss`` curriculum, one file per base
-(:func:`model_fingerprint`), so a rerun on the same data and base skips the scoring pass.
+An entry also keeps what a base model computed on its records -- the per-record losses of a ``base_loss``
+curriculum, the top-k log-probs of ``train.kl_base_topk`` -- one file per base (:func:`model_fingerprint`),
+so a rerun on the same data and base skips that pass.
 """
 
 from __future__ import annotations
@@ -107,36 +108,35 @@ def model_fingerprint(cfg) -> str | None:
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def _scores_file(key: str | None, fingerprint: str | None) -> Path | None:
+def _side_file(key: str | None, fingerprint: str | None, name: str) -> Path | None:
     if key is None or fingerprint is None:
         return None
-    return cache_root() / key / f"base-loss-{fingerprint}.npy"
+    return cache_root() / key / f"{name}-{fingerprint}.npy"
 
 
-def load_scores(key: str | None, fingerprint: str | None, n: int):
-    """The base model's per-record losses (``data.curriculum: base_loss``) an earlier run on the same token
-    stores and the same base cached, or None."""
+def load_side(key: str | None, fingerprint: str | None, name: str, shape: tuple, *, mmap: bool = False):
+    """An array an earlier run on the same token stores and the same base kept beside them (the base-loss
+    scores, the base's top-k), or None when there is none of that shape."""
     import numpy as np
 
-    path = _scores_file(key, fingerprint)
+    path = _side_file(key, fingerprint, name)
     try:
-        scores = np.load(path, allow_pickle=False) if path is not None and path.is_file() else None
+        array = (np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+                 if path is not None and path.is_file() else None)
     except (OSError, ValueError):
         return None
-    return scores if scores is not None and scores.shape == (n,) else None
+    return array if array is not None and array.shape == tuple(shape) else None
 
 
-def store_scores(key: str | None, fingerprint: str | None, scores) -> None:
-    """Keep the base model's per-record losses beside the token stores they score (best effort, atomic)."""
-    import numpy as np
-
-    path = _scores_file(key, fingerprint)
+def keep_side(key: str | None, fingerprint: str | None, name: str, source: Path) -> None:
+    """Keep a run's ``.npy`` file (``source``) in the cache beside the token stores it belongs to: a hard link
+    where the filesystem allows, atomic, best effort."""
+    path = _side_file(key, fingerprint, name)
     if path is None or not path.parent.is_dir():
         return
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            np.save(f, np.asarray(scores, dtype=np.float64))
+        _link_or_copy(source, tmp)
         os.replace(tmp, path)
     except OSError:
         tmp.unlink(missing_ok=True)

@@ -111,8 +111,8 @@ class TokenStore:
             yield self[i]
 
     # --- splitting and combining ----------------------------------------------------------------
-    def select(self, indices: Sequence[int] | np.ndarray) -> "TokenStore":
-        """A new store holding records `indices` in that order (repeats allowed)."""
+    def _gather(self, indices) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(record indices made non-negative, the new offsets, each new token's position in this store)."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         n = len(self)
         if idx.size and (idx.min() < -n or idx.max() >= n):
@@ -124,6 +124,15 @@ class TokenStore:
         np.cumsum(lens, out=offsets[1:])
         # token t of the output comes from starts[r] + (t - offsets[r]) for its record r
         gather = np.repeat(starts - offsets[:-1], lens) + np.arange(offsets[-1], dtype=np.int64)
+        return idx, offsets, gather
+
+    def token_positions(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """int64: where each token of ``select(indices)`` sits in this store (for per-token side arrays)."""
+        return self._gather(indices)[2]
+
+    def select(self, indices: Sequence[int] | np.ndarray) -> "TokenStore":
+        """A new store holding records `indices` in that order (repeats allowed)."""
+        idx, offsets, gather = self._gather(indices)
         return TokenStore(self.ids[gather], self.labels[gather], offsets, self.source[idx], self.names,
                           None if self.score is None else self.score[idx])
 

@@ -127,10 +127,14 @@ class BatchOrder:
     them: packed bins of ``max_seq_len`` tokens (best-fit decreasing) or one padded record a row, in a
     shuffled order -- or, with ``phases`` (record index groups, easiest first), each phase packed and
     shuffled on its own and the phases in order, so no batch and no packed row mixes two phases; every
-    epoch repeats the schedule."""
+    epoch repeats the schedule.
+
+    ``per_token``: arrays whose row t belongs to token t of ``store`` (the base's cached top-k); each batch
+    gets them laid out like its tokens, ``[B, T, ...]``, under the same names (zeros on padding)."""
 
     def __init__(self, store, *, micro_batch_size: int, seed: int, pad_id: int, packing: bool,
-                 max_seq_len: int, group_by_length: bool = True, phases: list[np.ndarray] | None = None):
+                 max_seq_len: int, group_by_length: bool = True, phases: list[np.ndarray] | None = None,
+                 per_token: dict[str, np.ndarray] | None = None):
         from fastsft.packing import pack
 
         self.store, self.mbs, self.seed, self.pad_id = store, micro_batch_size, seed, pad_id
@@ -138,6 +142,10 @@ class BatchOrder:
         self.phases = [np.arange(len(store))] if phases is None else [np.asarray(p, np.int64) for p in phases]
         self.curriculum = phases is not None
         self.stores = [store if not self.curriculum else store.select(p) for p in self.phases]
+        self.per_token = per_token or {}
+        # where each token of a phase's store sits in `store` (the rows of the per-token arrays)
+        self.positions = ([np.arange(store.num_tokens) if not self.curriculum else store.token_positions(p)
+                           for p in self.phases] if self.per_token else None)
         self.plans = [pack(s.lengths, max_seq_len, strategy="bfd") for s in self.stores] if packing else None
         sizes = [len(p.bin_offsets) - 1 for p in self.plans] if packing else [len(s) for s in self.stores]
         self.units_per_phase = sizes
@@ -166,6 +174,32 @@ class BatchOrder:
 
     def batch(self, unit: tuple[int, np.ndarray]) -> dict:
         k, units = unit
+        store = self.stores[k]
         if self.packing:
-            return collate_packed(self.stores[k], self.plans[k], units, self.pad_id, self.max_seq_len)
-        return collate(self.stores[k], units, self.pad_id)
+            batch = collate_packed(store, self.plans[k], units, self.pad_id, self.max_seq_len)
+        else:
+            batch = collate(store, units, self.pad_id)
+        if self.per_token:
+            rows = self._token_rows(k, units, batch["input_ids"].shape[1])
+            for name, array in self.per_token.items():
+                out = array[np.clip(rows, 0, None)]
+                out[rows < 0] = 0
+                batch[name] = torch.from_numpy(out)
+        return batch
+
+    def _token_rows(self, k: int, units: np.ndarray, width: int) -> np.ndarray:
+        """int64 [B, width]: the row of the per-token arrays behind each slot of a batch (-1: padding), laid
+        out by the same assembly as the tokens."""
+        from fastsft import packing
+
+        store, positions = self.stores[k], self.positions[k]
+        if self.packing:
+            plan = self.plans[k]
+            return packing.assemble_bins(positions.astype(np.int32), store.labels, store.offsets, plan.items,
+                                         plan.item_starts, plan.item_lengths, plan.bin_offsets, units,
+                                         pad_to=width, pad_id=-1)["input_ids"]
+        rows = np.full((len(units), width), -1, np.int64)
+        for r, i in enumerate(units):
+            a, b = store.offsets[int(i)], store.offsets[int(i) + 1]
+            rows[r, : b - a] = positions[a:b]
+        return rows

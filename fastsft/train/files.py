@@ -128,6 +128,26 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             raise
 
 
+def atomic_write_array(path: Path, array) -> None:
+    """``np.save`` of ``array`` to ``path`` atomically, like :func:`atomic_write_bytes` (streamed: no copy of a
+    large array in memory)."""
+    import numpy as np
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with writing(path):
+        try:
+            with open(tmp, "wb") as f:
+                np.save(f, array, allow_pickle=False)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            _fsync(path.parent)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 

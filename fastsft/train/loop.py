@@ -9,7 +9,6 @@ the batching.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import math
 import random
@@ -34,12 +33,13 @@ from fastsft.preflight import PreflightError, preflight
 from fastsft.train import checkpoint as ckpt_mod
 from fastsft.train import distributed
 from fastsft.train import signals
-from fastsft.train.files import (atomic_directory, atomic_write_bytes, atomic_write_text, free_space, human_bytes,
+from fastsft.train.files import (atomic_directory, atomic_write_text, free_space, human_bytes,
                                  writing)
 from fastsft.train.reporting import check_available as check_reporters
 from fastsft.train.reporting import open_reporters
 from fastsft.train.run_dir import RunDirectory, RunDirError
 from fastsft.train.batching import BatchOrder, count_targets, curriculum_phases
+from fastsft.train.base_passes import cached_arrays, compute_base_topk
 from fastsft.train.evaluate import exact_match, majority_baseline, record_losses, response_loss
 from fastsft.train.metrics import MetricsLog, peak_memory_bytes, plot_losses
 from fastsft.train.objective import Objective
@@ -88,7 +88,8 @@ def _curriculum_scores(cfg: Config, model, store, data_dir: Path, run, *, pad_id
     """Each training record's difficulty: its length, the number its data holds at a field (NaN for replay
     text, which the phases share evenly), or the base model's mean response loss (one no-grad pass, timed;
     saved as data/curriculum_scores.npy and read back on resume, where the model is no longer the base; and
-    kept in the token cache beside the stores, so a rerun on the same data and base reads them too).
+    kept in the token cache beside the stores, so a rerun on the same data and base reads them too: see
+    ``base_passes.cached_arrays``).
     Records the scoring cannot score (no response token) count as the hardest."""
     if cfg.data.curriculum == "length":
         return store.lengths.astype(np.float64)
@@ -97,35 +98,36 @@ def _curriculum_scores(cfg: Config, model, store, data_dir: Path, run, *, pad_id
             raise ConfigError(f"data.curriculum {cfg.data.curriculum}: the token stores hold no scores (made "
                               "without this curriculum); start a fresh run")
         return store.score
-    path = data_dir / "curriculum_scores.npy"
-    if path.exists():
-        scores = np.load(path, allow_pickle=False)
-        if scores.shape != (len(store),):
-            raise ConfigError(f"{path} holds {scores.shape[0]} scores for {len(store)} records; the run's data "
-                              "changed")
-        return scores
-    fingerprint = token_cache.model_fingerprint(cfg)
-    scores = token_cache.load_scores(cache_key, fingerprint, len(store))
-    if scores is not None:
-        _say(f"curriculum: base-model loss of {len(store)} records from the token cache")
-    else:
-        started = time.time()
+
+    def score():
         with adapters_disabled(model):  # the base, also if the adapters ever trained
-            scores = record_losses(model, store, pad_id=pad_id, batch_size=cfg.eval.batch_size, device=device,
+            losses = record_losses(model, store, pad_id=pad_id, batch_size=cfg.eval.batch_size, device=device,
                                    autocast=autocast, kernels=kernels)
-        scores = np.where(np.isnan(scores), np.inf, scores)
-        seconds = time.time() - started
-        _say(f"curriculum: base-model loss of {len(store)} records in {seconds:.1f}s "
-             f"({len(store) / max(seconds, 1e-9):.0f} records/s)")
-        if dist.is_main:
-            token_cache.store_scores(cache_key, fingerprint, scores)
+        return [np.where(np.isnan(losses), np.inf, losses)]
+
+    (scores,), computed = cached_arrays(
+        ["curriculum_scores"], [(len(store),)], score, data_dir=data_dir, cache_key=cache_key,
+        fingerprint=token_cache.model_fingerprint(cfg), is_main=dist.is_main, say=_say,
+        what=f"curriculum: base-model loss of {len(store)} records")
     if dist.is_main:
-        with writing(data_dir, "the curriculum scores"):
-            buffer = io.BytesIO()
-            np.save(buffer, scores)
-            atomic_write_bytes(path, buffer.getvalue())
         run.record_inputs("data")
     return scores
+
+
+def _base_topk(cfg: Config, model, store, data_dir: Path, run, *, pad_id, device, autocast, dist,
+               cache_key: str | None) -> dict[str, np.ndarray]:
+    """The base's top-k log-probs of every token (train.kl_base_topk), as BatchOrder's per-token arrays: one
+    no-grad pass before training, kept in the run's data/ (resume) and the token cache (reruns)."""
+    k, n = cfg.train.kl_base_topk, store.num_tokens
+    (ids, logp), _ = cached_arrays(
+        ["base_topk_ids", "base_topk_logp"], [(n, k), (n, k + 1)],
+        lambda: compute_base_topk(model, store, k, pad_id=pad_id, batch_size=cfg.eval.batch_size, device=device,
+                                  autocast=autocast),
+        data_dir=data_dir, cache_key=cache_key, fingerprint=token_cache.model_fingerprint(cfg), is_main=dist.is_main,
+        say=_say, mmap=True, what=f"KL anchor: the base's top-{k} log-probs of {n} tokens")
+    if dist.is_main:
+        run.record_inputs("data")
+    return {"base_topk_ids": ids, "base_topk_logp": logp}
 
 
 def _autocast(device: torch.device, precision: str):
@@ -375,7 +377,8 @@ def _train(cfg: Config, run: RunDirectory, dist) -> dict:
     if dist.world_size > 1:  # the same init on every rank above; from here each rank its own dropout masks
         torch.manual_seed(dist.rank_seed(cfg.train.seed))  # CPU and every CUDA device
     objective = Objective(model, device, kl_to_base=cfg.train.kl_to_base, kl_tokens=cfg.train.kl_tokens,
-                          neftune_alpha=cfg.train.neftune_alpha, kernels=loss_kernels, autocast=autocast)
+                          neftune_alpha=cfg.train.neftune_alpha, kernels=loss_kernels, autocast=autocast,
+                          kl_topk=cfg.train.kl_base_topk > 0)
 
     # ---- batching: packed bins of max_seq_len tokens, or one padded record a row; shuffled or phased --
     pad_id = tokenizer.pad_id
@@ -387,9 +390,13 @@ def _train(cfg: Config, run: RunDirectory, dist) -> dict:
         _say(f"curriculum ({cfg.data.curriculum}): {len(phases)} phases of "
              f"{', '.join(str(len(p)) for p in phases)} records, scores "
              + ", ".join(_score_range(scores[p]) for p in phases))
+    base_topk = None  # train.kl_base_topk: the base's cached top-k, laid out with each batch's tokens
+    if cfg.train.kl_base_topk:
+        base_topk = _base_topk(cfg, model, train_store, data_dir, run, pad_id=pad_id, device=device,
+                               autocast=autocast, dist=dist, cache_key=cache_key)
     order = BatchOrder(train_store, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed, pad_id=pad_id,
                        packing=cfg.data.packing, max_seq_len=cfg.data.max_seq_len,
-                       group_by_length=cfg.train.group_by_length, phases=phases)
+                       group_by_length=cfg.train.group_by_length, phases=phases, per_token=base_topk)
     if cfg.data.packing:
         _say(f"packing: {len(train_store)} records into {order.num_units} rows of {cfg.data.max_seq_len} tokens "
              f"({order.efficiency:.1%} of the capacity holds real tokens"

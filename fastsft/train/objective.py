@@ -7,6 +7,10 @@ The KL anchor's base is the model itself with its LoRA adapters off (``adapters_
 without gradients and in eval mode (no dropout, no NEFTune noise: the base is the clean anchor); its hidden
 states go into the fused loss with the tuned ones, which computes both models' logits chunk by chunk. NEFTune
 noise is the backbone's (``Backbone.neftune_alpha``), switched on here.
+
+With ``kl_topk`` the base ran once before training instead: each batch carries the base's cached top-k
+log-probs (``base_topk_ids``, ``base_topk_logp``, laid out like its tokens by ``BatchOrder``) and the KL is the
+coarse-grained one of :mod:`fastsft.loss_kl_topk`, with no base forward here.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import contextlib
 import torch
 
 from fastsft.loss import fused_linear_cross_entropy
+from fastsft.loss_kl_topk import linear_cross_entropy_kl_topk
 from fastsft.model.lora import adapters_disabled
 
 __all__ = ["Objective", "packed_args"]
@@ -34,11 +39,13 @@ class Objective:
     holds floats for the metrics (``kl``: the anchor's mean KL per response token, unweighted)."""
 
     def __init__(self, model, device, *, kl_to_base: float = 0.0, kl_tokens: str = "response",
-                 neftune_alpha: float = 0.0, kernels: str = "auto", autocast=contextlib.nullcontext):
+                 neftune_alpha: float = 0.0, kernels: str = "auto", autocast=contextlib.nullcontext,
+                 kl_topk: bool = False):
         if kl_tokens not in ("response", "all"):
             raise ValueError(f"kl_tokens must be 'response' or 'all', got {kl_tokens!r}")
         self.model, self.device, self.autocast = model, device, autocast
         self.kl_to_base, self.kl_tokens, self.kernels = float(kl_to_base), kl_tokens, kernels
+        self.kl_topk = bool(kl_topk) and self.kl_to_base > 0
         model.model.neftune_alpha = float(neftune_alpha)
 
     def forward_args(self, batch: dict) -> dict:
@@ -74,6 +81,15 @@ class Objective:
     def __call__(self, batch: dict, num_items: int) -> tuple[torch.Tensor, dict]:
         ids = batch["input_ids"].to(self.device)
         args = self.forward_args(batch)
+        if self.kl_topk:
+            with self.autocast():
+                hidden = self.model(ids, **args)
+                loss, kl = linear_cross_entropy_kl_topk(
+                    hidden, self.model.lm_head.weight, batch["targets"].to(self.device),
+                    batch["base_topk_ids"], batch["base_topk_logp"], kl_beta=self.kl_to_base,
+                    kl_mask=self.kl_mask(batch), reduction="sum", num_items=num_items,
+                    softcap=self.model.config.final_logit_softcapping)
+            return loss, {"kl": float(kl.detach())}
         with self.autocast():
             base = self.base_hidden(ids, args) if self.kl_to_base else None
             hidden = self.model(ids, **args)

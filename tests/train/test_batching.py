@@ -170,3 +170,23 @@ def test_curriculum_batches_never_mix_phases_and_come_easy_to_hard(packing):
         assert sorted(seen) == list(range(len(lengths)))  # every record once an epoch
     assert [u.tolist() for _, u in order.epoch(1)] == [u.tolist() for _, u in order.epoch(1)]  # reproducible
     assert [u.tolist() for _, u in order.epoch(0)] != [u.tolist() for _, u in order.epoch(1)]  # reshuffled
+
+
+@pytest.mark.parametrize("packing", [True, False])
+@pytest.mark.parametrize("curriculum", [False, True])
+def test_per_token_arrays_are_laid_out_like_the_tokens(packing, curriculum):
+    """The base's cached top-k rides with its tokens: a side array holding each token's own id (and its id + 1)
+    comes back equal to input_ids in every slot of every batch, packed or padded, phased or not."""
+    lengths = np.random.default_rng(4).integers(3, 40, 45)
+    store = _store(lengths)
+    side = np.stack([store.ids, store.ids + 1], axis=1).astype(np.int32)  # [T, 2]
+    phases = curriculum_phases(lengths.astype(float), 3) if curriculum else None
+    order = BatchOrder(store, micro_batch_size=3, seed=1, pad_id=0, packing=packing, max_seq_len=64, phases=phases,
+                       per_token={"side": side})
+    for unit in order.epoch(0):
+        batch = order.batch(unit)
+        ids, got = batch["input_ids"], batch["side"]
+        assert got.shape == (*ids.shape, 2)
+        real = torch.arange(ids.shape[1])[None, :] < batch.get("lengths", batch.get("row_lengths"))[:, None]
+        assert torch.equal(got[..., 0][real], ids[real].int()) and torch.equal(got[..., 1][real], ids[real].int() + 1)
+        assert not got[~real].any()  # zeros on padding

@@ -55,7 +55,9 @@ def test_outputs_and_metrics(tmp_path):
     {"train.kl_to_base": 0.1, "train.neftune_alpha": 5.0, "data.packing": False},
     # the base-loss scores are computed once and read back on resume (the model is no longer the base then)
     {"data.curriculum": "base_loss", "data.curriculum_phases": 2},
-], ids=["plain", "kl-all-neftune", "kl-neftune-unpacked", "curriculum"])
+    # the base's cached top-k (read back from data/ on resume) laid out through curriculum phases
+    {"train.kl_to_base": 0.3, "train.kl_base_topk": 6, "train.kl_tokens": "all", "data.curriculum": "length"},
+], ids=["plain", "kl-all-neftune", "kl-neftune-unpacked", "curriculum", "kl-topk-phased"])
 def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch, extra):
     overrides = {"train.grad_accum": 2, "lora.dropout": 0.1, "output.checkpoint_every": 3, "train.max_steps": 7,
                  "eval.exact_match": 0, **extra}
@@ -90,7 +92,7 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch, ext
              if json.loads(l)["kind"] == "eval"]
     assert evals == sorted(set(evals)) and evals[0] == 0
     assert summary["eval_before"]["step"] == 0
-    if extra.get("data.curriculum"):
+    if extra.get("data.curriculum") == "base_loss":
         a_scores, b_scores = (np.load(tmp_path / d / "run" / "data" / "curriculum_scores.npy") for d in ("a", "b"))
         assert np.array_equal(a_scores, b_scores) and np.isfinite(a_scores).all()
     if extra.get("train.kl_to_base"):  # the anchor's KL is logged, the same after the resume
@@ -98,6 +100,9 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch, ext
                 for d in ("a", "b")]
         kls = [[r["kl_to_base"] for r in log if r["kind"] == "train"] for log in logs]
         assert kls[0] == kls[1] and kls[0][-1] > 0
+    if extra.get("train.kl_base_topk"):  # the base's top-k, computed before training, read back on resume
+        a_ids, b_ids = (np.load(tmp_path / d / "run" / "data" / "base_topk_ids.npy") for d in ("a", "b"))
+        assert a_ids.shape[1] == 6 and np.array_equal(a_ids, b_ids)
 
 
 def test_resume_of_a_missing_directory_is_an_error_that_creates_nothing(tmp_path):
@@ -300,6 +305,27 @@ def test_base_loss_scores_are_cached_per_base_model(tmp_path, capsys):
 
     first, scores = run("a")
     again, cached = run("b")
-    assert "records in" in first and again.endswith("from the token cache") and np.array_equal(scores, cached)
+    assert "computed in" in first and again.endswith("from the token cache") and np.array_equal(scores, cached)
     other, rescored = run("c", **{"model.config": "tiny"})
-    assert "records in" in other and not np.array_equal(scores, rescored)
+    assert "computed in" in other and not np.array_equal(scores, rescored)
+
+
+def test_cached_top_k_anchor_with_all_but_one_token_trains_like_the_forward_anchor(tmp_path):
+    """kl_base_topk = V - 1 leaves a tail of one token, so the coarse-grained KL is the full KL: the run must
+    match the anchor that runs the base forward every step (to float32 rounding). And it needs no adapters:
+    full fine-tuning takes the cached anchor (the cache is the frozen base)."""
+    common = {"train.kl_to_base": 0.5, "train.kl_tokens": "all", "train.max_steps": 4, "eval.exact_match": 0,
+              "output.log_every": 1}
+    runs = {}
+    for name, extra in (("forward", {}), ("topk", {"train.kl_base_topk": 271})):
+        train(tiny_cfg(tmp_path / name, **common, **extra))
+        log = [json.loads(line) for line in (tmp_path / name / "run" / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = [(r["loss"], r["kl_to_base"]) for r in log if r["kind"] == "train"]
+    assert len(runs["topk"]) == 4 and runs["topk"][-1][1] > 0
+    np.testing.assert_allclose(runs["topk"], runs["forward"], rtol=1e-4, atol=1e-7)
+    full = train(tiny_cfg(tmp_path / "full", **common, **{"lora.enabled": False, "train.kl_base_topk": 8}))
+    assert full["steps"] == 4
+    with pytest.raises(cfgmod.ConfigError, match="train.kl_to_base"):
+        tiny_cfg(tmp_path, **{"lora.enabled": False, "train.kl_to_base": 0.1})
+    with pytest.raises(cfgmod.ConfigError, match="train.kl_base_topk"):
+        tiny_cfg(tmp_path, **{"train.kl_base_topk": 8})
