@@ -63,11 +63,26 @@ def as_text(rows: list[dict]) -> list[dict]:
     return [{"text": r["prompt"] + r["completion"]} for r in rows]
 
 
+IN_PROCESS = False  # --smoke: every run in this process (the plumbing without six interpreter start-ups)
+
+
 def fastsft(*args: str) -> dict:
     """One `fastsft train` run; its metrics.jsonl records and wall seconds."""
     out = Path(args[args.index("--output") + 1])
     cmd = [sys.executable, "-m", "fastsft", "train", *args]
     t0 = time.perf_counter()
+    if IN_PROCESS:
+        import contextlib
+        import io
+
+        from fastsft.cli import main as cli_main
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            rc = cli_main(["train", *args])
+        if rc:
+            raise RuntimeError(f"failed ({rc}): {' '.join(cmd)}")
+        return {"records": [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()],
+                "seconds": time.perf_counter() - t0}
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if proc.returncode != 0:
         raise RuntimeError(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
@@ -159,6 +174,8 @@ def main() -> None:
             args.sft_lr = 5e-3
         return real(args)
     if args.smoke:
+        global IN_PROCESS
+        IN_PROCESS = True
         args.pretrain_steps, args.sft_steps = 3, 3
     n_general, n_sft = (200, 200) if args.smoke else (4000, 3000)
     work = Path(tempfile.mkdtemp(prefix="fastsft-forgetting-"))
