@@ -116,9 +116,11 @@ def tokenize_rendered(rendered: Sequence[Rendered], tokenizer: Tokenizer,
     """(ids, labels) for each rendered example; one batched tokenizer call per chunk of texts."""
     _check_add_bos(add_bos)
     texts = [text for r in rendered for text, _ in r.pieces]
+    # offsets only for pieces partly trained: a piece all prompt or all response labels without them
+    partial = [bool(spans) and spans != [(0, len(text))] for r in rendered for text, spans in r.pieces]
     encoded: list = []
     for k in range(0, len(texts), _ENCODE_BATCH):
-        encoded.extend(tokenizer.encode_batch(texts[k:k + _ENCODE_BATCH]))
+        encoded.extend(tokenizer.encode_batch(texts[k:k + _ENCODE_BATCH], offsets=partial[k:k + _ENCODE_BATCH]))
     bos, eos = tokenizer.bos_id, tokenizer.eos_id
     if add_bos is True and bos is None:
         raise ValueError("add_bos=True but the tokenizer has no BOS token")
@@ -270,18 +272,18 @@ def load_dataset(spec: DatasetSpec, tokenizer: Tokenizer, *, max_seq_len: int, t
     kept, kept_scores, dropped, truncated = [], [], 0, 0
     cut_tokens = cut_trained = 0  # of the records kept, what truncation removed
     for k, ((ids, labels), raw) in enumerate(zip(encoded, kept_raws)):
-        if all(l == IGNORE_INDEX for l in labels):
+        if labels.count(IGNORE_INDEX) == len(labels):
             bad(RecordError("record has no trained tokens"), raw, path)
             continue
         if len(ids) > max_seq_len:
             rest = labels[max_seq_len:]
             ids, labels = ids[:max_seq_len], labels[:max_seq_len]
-            if all(l == IGNORE_INDEX for l in labels):
+            if labels.count(IGNORE_INDEX) == len(labels):
                 dropped += 1
                 continue
             truncated += 1
             cut_tokens += len(rest)
-            cut_trained += sum(1 for l in rest if l != IGNORE_INDEX)
+            cut_trained += len(rest) - rest.count(IGNORE_INDEX)
         kept.append((ids, labels))
         if score_field is not None:
             kept_scores.append(scores[k])

@@ -87,8 +87,12 @@ class Tokenizer:
             ids.append(im_end)
         return ids
 
-    def encode_batch(self, texts: Sequence[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
-        return [self.encode(t) for t in texts]
+    def encode_batch(self, texts: Sequence[str], offsets: Sequence[bool] | None = None
+                     ) -> list[tuple[list[int], list[tuple[int, int]] | None]]:
+        """(ids, character offsets) per text; with ``offsets``, None instead of the offsets of the texts
+        marked False (converting them is a good part of the cost for a fast tokenizer)."""
+        out = [self.encode(t) for t in texts]
+        return out if offsets is None else [(i, o if want else None) for (i, o), want in zip(out, offsets)]
 
     def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
         """Render `[{"role", "content"}, ...]` with the tokenizer's chat template, or ChatML."""
@@ -246,12 +250,16 @@ class HFTokenizer(Tokenizer):
     def encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         return self.encode_batch([text])[0]
 
-    def encode_batch(self, texts: Sequence[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    def encode_batch(self, texts: Sequence[str], offsets: Sequence[bool] | None = None
+                     ) -> list[tuple[list[int], list[tuple[int, int]] | None]]:
         if not texts:
             return []
         backend = getattr(self.hf, "backend_tokenizer", None)
         if backend is not None:  # straight to Rust: transformers' per-encoding conversion costs ~as much
-            return [(e.ids, e.offsets) for e in backend.encode_batch(list(texts), add_special_tokens=False)]
+            encodings = backend.encode_batch(list(texts), add_special_tokens=False)
+            if offsets is None:
+                return [(e.ids, e.offsets) for e in encodings]
+            return [(e.ids, e.offsets if want else None) for e, want in zip(encodings, offsets)]
         enc = self.hf(list(texts), add_special_tokens=False, return_offsets_mapping=True,
                       return_attention_mask=False)
         return [(list(ids), [tuple(o) for o in offs])
