@@ -14,23 +14,36 @@ give z_base, and each row adds beta times the forward KL from the base to the tu
 so the gradient w.r.t. the tuned logits of CE + beta KL is (1 + beta) p - onehot(y) - beta p_base, written
 chunk by chunk like the CE's: no ``[tokens x vocab]`` tensor of either model. ``kl_mask`` extends the KL
 to rows without a label (prompt tokens; their CE term is 0); beta = 0 is the plain CE path, bit for bit.
-Both paths have it: the reference below (chunks of half the rows, one of each model), and the Triton
+Both paths have it: the reference below (chunks of half the rows: z, z_base and p_base), and the Triton
 kernel's HAS_BASE variant (one pass over both chunks for lse, lse_base and the KL, one writing the
 gradient; chunks of half the rows, so the two logit chunks fit the plain path's CHUNK_BYTES); the
 dispatch is the plain loss's.
 
 This file holds the plain PyTorch implementation: the CPU path, the oracle for the Triton kernel in
-``fastsft.kernels`` and the ablation in benchmarks. Algorithm (blockwise recompute, as in Cut
-Cross-Entropy): the forward keeps only one float32 log-sum-exp per kept row; the backward recomputes
-each chunk's logits and turns them straight into gradients. Extra memory is one chunk of logits,
-bounded by ``CHUNK_BYTES``, whatever the vocabulary.
+``fastsft.kernels`` and the ablation in benchmarks. Algorithm: the kept rows are gathered a chunk at a
+time; each chunk's float32 logits go into one reused buffer, where they become the softmax and then
+d loss / d z in place (max, subtract, exp, sum, divide: no other [rows x V] tensor), and two matmuls
+turn that into the chunk's rows of grad_h and its share of grad_W (``addmm_`` straight into the float32
+gradient). When the caller reduces with one weight for every row ("mean", "sum", ``num_items``) and
+grad is enabled, this runs in the forward and the backward only scales the result, as the Triton kernel
+does: 6 N V D matmul FLOPs with a trainable head, 4 N V D frozen. ``reduction="none"`` (a weight per
+row) and a second backward (``retain_graph``) recompute each chunk in the backward from the saved
+per-row log-sum-exp instead (8 / 6 N V D, the blockwise recompute of Cut Cross-Entropy).
+
+Extra memory of the reference: the gradients it returns (grad_hidden, and V D 4 bytes of grad_W with a
+trainable head; computed in the forward, they are held until the backward) plus one float32 chunk of
+``_rows_per_chunk(V)`` rows x V: CHUNK_BYTES (16 MiB), or MIN_CHUNK_ROWS (128) rows where V > 32768
+(78 MB at V=152k), plus vectors of a few bytes a row. A soft cap adds a second chunk (tanh, for the
+gradient); the KL anchor uses three chunks of half the rows (z, z_base, p_base). The kept rows are never
+copied whole, and a frozen head (LoRA) skips all weight-gradient work. ``tests/test_loss_memory.py``
+holds every allocation to that bound.
 
 Rows whose label is ``ignore_index`` are compacted away before any matmul, so prompt tokens cost
-nothing; a frozen head (LoRA) skips all weight-gradient work.
+nothing.
 
 Dispatch: after shifting and compaction, :func:`fused_linear_cross_entropy` runs either this reference
-or the Triton kernel (``fastsft.kernels.fused_linear_cross_entropy``: gradients computed in the forward,
-6NVD matmul FLOPs instead of 8NVD). ``kernels="auto"`` (the default) picks the kernel for CUDA tensors
+or the Triton kernel (``fastsft.kernels.fused_linear_cross_entropy``: the same scheme on the GPU, with
+chunks of up to 256 MiB in the input dtype). ``kernels="auto"`` (the default) picks the kernel for CUDA tensors
 when Triton is importable, ``"on"``/``"off"`` force one; :func:`use_implementation` overrides both for
 tests and benchmarks. The kernel runs on CPU tensors only under ``TRITON_INTERPRET=1``.
 """
@@ -140,104 +153,175 @@ def _kernel_self_check(device: torch.device, dtype: torch.dtype) -> str | None:
     return self_check_error("loss", device, dtype, check)
 
 
-# One chunk of float32 logits (rows x V) plus its softmax stays under this many bytes: 256 MiB keeps
-# the reference usable at V=152k (~440 rows a chunk) without the chunk loop dominating small V.
-CHUNK_BYTES = 256 * 1024 * 1024
+# One chunk of float32 logits (rows x V x 4 bytes) is at most this many bytes, but never fewer than
+# MIN_CHUNK_ROWS rows. Every [rows x V] operation works in place in that one buffer (a soft cap adds one
+# of tanh; a base halves the rows and uses three: z, z_base, p_base), so it is the whole [rows x V]
+# footprint. 16 MiB is 131 rows at V=32k: at D=1024 on 2 CPU cores the chunk's three matmuls run at ~80 %
+# of their speed at 1024 rows (~65 % at 64 rows), and a step's extra memory stays under torch's chunked
+# F.linear_cross_entropy (benchmarks/bench_loss_memory.py).
+CHUNK_BYTES = 16 * 1024 * 1024
+# Fewer rows than this starve the matmuls (the chunk's M dimension); at V=152k the floor's chunk is 78 MB.
+MIN_CHUNK_ROWS = 128
 
 
 def _rows_per_chunk(vocab: int) -> int:
-    return max(1, CHUNK_BYTES // (2 * 4 * vocab))
+    return max(MIN_CHUNK_ROWS, CHUNK_BYTES // (4 * vocab))
 
 
-def _chunk_logits(h, weight, bias, softcap):
-    """float32 logits of one chunk, and tanh(x/t) when soft-capped (needed by the backward)."""
-    z = (h @ weight.t()).float()
+def _logits_(out, h, weight, bias, softcap, tanh_out=None):
+    """``out`` <- float32 ``softcap(h W^T + b)``, in place; ``tanh_out`` <- tanh(x / softcap) when given
+    (the backward's 1 - tanh^2)."""
+    if h.dtype == torch.float32 and weight.dtype == torch.float32:
+        torch.mm(h, weight.t(), out=out)
+    else:
+        out.copy_(h @ weight.t())  # the matmul in the input dtype, as the Triton kernel does
     if bias is not None:
-        z = z + bias.float()
-    if softcap is None:
-        return z, None
-    t = torch.tanh(z / softcap)
-    return softcap * t, t
+        out.add_(bias.float())
+    if softcap is not None:
+        if tanh_out is None:
+            out.div_(softcap).tanh_().mul_(softcap)
+        else:
+            torch.mul(torch.div(out, softcap, out=tanh_out).tanh_(), softcap, out=out)
+
+
+def _chunk_loop(h, keep, weight, bias, targets, opts, need, h_base=None, lse=None, lse_base=None, row_scale=None):
+    """The chunk loop of the forward (``lse`` None: losses, lse, KL, and the unscaled gradients named in
+    ``need``) and of a recomputing backward (``lse``, ``lse_base`` given: the gradients of
+    ``sum_i row_scale_i loss_i``). Rows are ``h[keep]`` (gathered a chunk at a time, so the kept rows are
+    never copied whole); ``grad_h`` comes back in h's full shape, zero on the rows not kept.
+
+    Returns ``(losses, lse, kl, lse_base, grad_h, grad_W, grad_b)``; grad_W and grad_b in float32.
+    """
+    label_smoothing, z_loss, softcap, beta = opts
+    n, vocab = keep.shape[0], weight.shape[0]
+    has_base, forward = h_base is not None, lse is None
+    need_h, need_w, need_b = need
+    grad = need_h or need_w or need_b
+    f32 = dict(dtype=torch.float32, device=h.device)
+    if forward:
+        losses, lse, kl = torch.empty(n, **f32), torch.empty(n, **f32), torch.zeros(n, **f32)
+        lse_base = torch.zeros(n if has_base else 0, **f32)
+    else:
+        losses = kl = None
+    grad_h = torch.zeros_like(h) if need_h else None
+    grad_w = torch.zeros(weight.shape, **f32) if need_w else None  # for a float32 head: the gradient itself
+    grad_b = torch.zeros(vocab, **f32) if need_b else None
+    # a base doubles the [rows x V] buffers (three in the forward: z, z_base, p_base): half the rows
+    step = max(1, min(_rows_per_chunk(vocab) // (2 if has_base else 1), n))
+    z_buf = torch.empty(step, vocab, **f32)
+    t_buf = torch.empty_like(z_buf) if softcap is not None and grad else None
+    zb_buf = torch.empty_like(z_buf) if has_base else None
+    pb_buf = torch.empty_like(z_buf) if has_base and forward else None
+    for s in range(0, n, step):
+        idx, tgt = keep[s : s + step], targets[s : s + step]
+        c = idx.shape[0]
+        hc = h.index_select(0, idx)
+        z, t = z_buf[:c], (t_buf[:c] if t_buf is not None else None)
+        _logits_(z, hc, weight, bias, softcap, t)  # (c, V) float32
+        col = tgt.clamp_min(0)[:, None]  # -1: a KL-only row (no label)
+        valid = tgt >= 0
+        if forward:
+            z_y = z.gather(1, col).squeeze(1)
+            z_mean = z.mean(dim=-1) if label_smoothing > 0.0 else None
+        if has_base:
+            zb = zb_buf[:c]
+            _logits_(zb, h_base.index_select(0, idx).to(hc.dtype), weight, bias, softcap)
+            if forward:  # kl = sum_j exp(zb_j - mb) (zb_j - z_j) / sum_j exp(zb_j - mb) - lse_b + lse
+                pb = pb_buf[:c]
+                m_b = zb.amax(dim=-1, keepdim=True)
+                torch.sub(zb, m_b, out=pb).exp_()
+                s_b = pb.sum(dim=-1, keepdim=True)
+                lse_b = (m_b + s_b.log()).squeeze(1)
+                weighted = torch.bmm(pb.unsqueeze(1), zb.sub_(z).unsqueeze(2)).view(c)  # a row-wise dot, no temporary
+                pb.div_(s_b)  # p_base
+                kl_c = weighted / s_b.squeeze(1) - lse_b
+            else:
+                pb = zb.sub_(lse_base[s : s + step, None]).exp_()  # p_base, in place
+        if forward:  # softmax in place: z <- exp(z - max), then / sum
+            m = z.amax(dim=-1, keepdim=True)
+            total = z.sub_(m).exp_().sum(dim=-1, keepdim=True)
+            lse_c = (m + total.log()).squeeze(1)
+            if grad:
+                z.div_(total)
+            nll = lse_c - z_y
+            if label_smoothing > 0.0:
+                # torch's definition: (1 - eps) * nll + eps * mean_j(lse - z_j)
+                nll = (1.0 - label_smoothing) * nll + label_smoothing * (lse_c - z_mean)
+            if z_loss > 0.0:
+                nll = nll + z_loss * lse_c * lse_c
+            if has_base:
+                nll = torch.where(valid, nll, 0.0)
+                kl_c = kl_c + lse_c
+                kl[s : s + step], lse_base[s : s + step] = kl_c, lse_b
+                nll = nll + beta * kl_c
+            losses[s : s + step], lse[s : s + step] = nll, lse_c
+        else:
+            lse_c = lse[s : s + step]
+            z.sub_(lse_c[:, None]).exp_()
+        if not grad:
+            continue
+        # z holds p; in place it becomes d loss / d z = (1 + 2 s lse) p - (1 - eps) onehot(y) - eps / V on
+        # labelled rows, plus beta (p - p_base) on every row with a base
+        coef = 1.0 + 2.0 * z_loss * lse_c if z_loss > 0.0 else None
+        if has_base:
+            coef = (valid if coef is None else coef * valid) + beta
+        if coef is not None:
+            z.mul_(coef[:, None])
+        if has_base:
+            z.add_(pb, alpha=-beta)
+        if label_smoothing > 0.0:
+            z.sub_((valid * (label_smoothing / vocab))[:, None] if has_base else label_smoothing / vocab)
+        rows = valid.nonzero().squeeze(1) if has_base else torch.arange(c, device=z.device)
+        z[rows, col[rows, 0]] -= 1.0 - label_smoothing
+        if row_scale is not None:
+            z.mul_(row_scale[s : s + step, None])
+        if t is not None:
+            z.mul_(t.square_().neg_().add_(1.0))  # 1 - tanh^2: through the cap (the tuned model's)
+        if need_h:
+            dh = z @ weight if weight.dtype == torch.float32 else z.to(weight.dtype) @ weight
+            grad_h.index_copy_(0, idx, dh.to(h.dtype))
+        if need_w:
+            grad_w.addmm_(z.t(), hc if hc.dtype == torch.float32 else hc.float())
+        if need_b:
+            grad_b += z.sum(0)
+    return losses, lse, kl, lse_base, grad_h, grad_w, grad_b
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Per-row losses of the kept rows; see the module docstring for the math."""
+    """Per-row losses of the rows ``h[keep]``; see the module docstring for the math.
+
+    ``precompute`` (the caller reduces with one weight for every row, and grad is enabled): the forward
+    also computes the gradients of the summed losses, and the backward scales them in place, so the
+    logits are computed once (3 N V D matmul FLOPs with a trainable head, 2 frozen; 4 and 3 recomputing).
+    The backward recomputes instead when the incoming row gradients differ (reduction="none") or on a
+    second backward (retain_graph), from the saved lse."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, label_smoothing, z_loss, softcap, h_base=None, beta=0.0):
-        """targets: the label per row, or -1 for a row that only carries the KL term (h_base given)."""
-        n, vocab = h.shape[0], weight.shape[0]
-        losses = h.new_empty(n, dtype=torch.float32)
-        lse_all = h.new_empty(n, dtype=torch.float32)
-        kl_all = h.new_zeros(n, dtype=torch.float32)
-        lse_base_all = h.new_zeros(n if h_base is not None else 0, dtype=torch.float32)
-        step = _rows_per_chunk(vocab) // (2 if h_base is not None else 1)
-        for s in range(0, n, step):
-            z, _ = _chunk_logits(h[s : s + step], weight, bias, softcap)  # (c, V) float32
-            lse = torch.logsumexp(z, dim=-1)
-            tgt = targets[s : s + step]
-            nll = lse - z.gather(1, tgt.clamp_min(0)[:, None]).squeeze(1)
-            if label_smoothing > 0.0:
-                # torch's definition: (1 - eps) * nll + eps * mean_j(lse - z_j)
-                nll = (1.0 - label_smoothing) * nll + label_smoothing * (lse - z.mean(dim=-1))
-            if z_loss > 0.0:
-                nll = nll + z_loss * lse * lse
-            if h_base is not None:
-                nll = torch.where(tgt >= 0, nll, 0.0)
-                zb, _ = _chunk_logits(h_base[s : s + step], weight, bias, softcap)
-                lse_b = torch.logsumexp(zb, dim=-1)
-                kl = (torch.exp(zb - lse_b[:, None]) * (zb - z)).sum(-1) - lse_b + lse
-                kl_all[s : s + step] = kl
-                lse_base_all[s : s + step] = lse_b
-                nll = nll + beta * kl
-            losses[s : s + step] = nll
-            lse_all[s : s + step] = lse
-        ctx.mark_non_differentiable(lse_all, kl_all)
-        ctx.save_for_backward(h, weight, bias, targets, lse_all, h_base, lse_base_all)
-        ctx.opts = (label_smoothing, z_loss, softcap, beta)
-        return losses, lse_all, kl_all
+    def forward(ctx, h, weight, bias, targets, keep, opts, h_base=None, precompute=False):
+        """targets: the label per kept row, or -1 for a row that only carries the KL term (h_base given);
+        opts: (label_smoothing, z_loss, softcap, beta)."""
+        need = tuple(ctx.needs_input_grad[:3]) if precompute else (False, False, False)
+        losses, lse, kl, lse_base, *grads = _chunk_loop(h, keep, weight, bias, targets, opts, need, h_base)
+        ctx.mark_non_differentiable(lse, kl)
+        ctx.save_for_backward(h, weight, bias, targets, keep, lse, h_base, lse_base)
+        ctx.opts, ctx.grads = opts, (grads if any(need) else None)
+        return losses, lse, kl
 
     @staticmethod
     def backward(ctx, grad_losses, _grad_lse, _grad_kl):
-        h, weight, bias, targets, lse_all, h_base, lse_base_all = ctx.saved_tensors
-        label_smoothing, z_loss, softcap, beta = ctx.opts
-        n, vocab = h.shape[0], weight.shape[0]
-        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        grad_h = torch.zeros_like(h) if need_h else None
-        # float32 accumulation of the head gradients across chunks
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(vocab, dtype=torch.float32, device=h.device) if need_b else None
-        step = _rows_per_chunk(vocab) // (2 if h_base is not None else 1)
-        for s in range(0, n, step):
-            hc = h[s : s + step]
-            z, tanh = _chunk_logits(hc, weight, bias, softcap)
-            lse = lse_all[s : s + step, None]
-            p = torch.exp(z - lse)  # softmax, (c, V)
-            tgt = targets[s : s + step]
-            if h_base is not None:  # d beta KL / d z = beta (p - p_base), before p is reused in place below
-                zb, _ = _chunk_logits(h_base[s : s + step], weight, bias, softcap)
-                dkl = beta * (p - torch.exp(zb - lse_base_all[s : s + step, None]))
-                del zb
-            # d loss / d z = (1 + 2 s lse) p - (1 - eps) onehot(y) - eps / V
-            dz = p * (1.0 + 2.0 * z_loss * lse) if z_loss > 0.0 else p
-            if label_smoothing > 0.0:
-                dz = dz - label_smoothing / vocab
-            rows = torch.arange(hc.shape[0], device=h.device)
-            dz[rows, tgt.clamp_min(0)] -= 1.0 - label_smoothing
-            if h_base is not None:  # rows without a label (-1) carry the KL term only
-                dz = torch.where((tgt >= 0)[:, None], dz, 0.0) + dkl
-            dz = dz * grad_losses[s : s + step, None].float()
-            if softcap is not None:
-                dz = dz * (1.0 - tanh * tanh)
-            if need_h:
-                grad_h[s : s + step] = (dz.to(weight.dtype) @ weight).to(h.dtype)
-            if need_w:
-                grad_w += dz.t() @ hc.float()
-            if need_b:
-                grad_b += dz.sum(0)
-        grad_w = grad_w.to(weight.dtype) if need_w else None
-        grad_b = grad_b.to(bias.dtype) if need_b else None
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+        h, weight, bias, targets, keep, lse, h_base, lse_base = ctx.saved_tensors
+        grads, ctx.grads = ctx.grads, None  # no reference left here: autograd takes them as .grad, no copy
+        g = grad_losses.float()
+        if grads is not None and (g.numel() == 0 or bool((g == g[0]).all())):
+            factor = g[0] if g.numel() else 0.0  # d total / d (each row loss)
+            grad_h, grad_w, grad_b = (None if x is None else x.mul_(factor) for x in grads)
+        else:
+            need = tuple(ctx.needs_input_grad[:3])
+            *_, grad_h, grad_w, grad_b = _chunk_loop(h, keep, weight, bias, targets, ctx.opts, need, h_base,
+                                                     lse, lse_base, row_scale=g)
+        grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
+        grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(
@@ -303,15 +387,16 @@ def fused_linear_cross_entropy(
     labelled = y != ignore_index
     rows = labelled | kl_mask.reshape(-1).bool() if kl and kl_mask is not None else labelled
     keep = rows.nonzero().squeeze(1)  # compaction: ignored rows never reach a matmul
-    h_kept, y_kept = h.index_select(0, keep), y.index_select(0, keep)
+    y_kept = y.index_select(0, keep)
     n_labelled = int(labelled.sum()) if kl and kl_mask is not None else int(keep.numel())
     if kl:
         y_kept = torch.where(y_kept == ignore_index, -1, y_kept)  # -1: a KL-only row
-        hb_kept = base_hidden.detach().reshape(-1, hidden.shape[-1]).index_select(0, keep).to(h_kept.dtype)
-        return _kl_loss(h_kept, hb_kept, weight, bias, y_kept, float(kl_beta), keep, y.shape[0], out_shape,
+        h_base = base_hidden.detach().reshape(-1, hidden.shape[-1])
+        return _kl_loss(h, h_base, weight, bias, y_kept, float(kl_beta), keep, y.shape[0], out_shape,
                         reduction, num_items, n_labelled, float(label_smoothing), float(z_loss), softcap,
                         return_z_loss, return_kl, hidden, kernels)
     if _use_kernel(hidden, kernels):
+        h_kept = h.index_select(0, keep)  # the kernel takes the kept rows packed
         loss, z_term = _kernel_loss(h_kept, weight, bias, y_kept, reduction, num_items, ignore_index,
                                     float(label_smoothing), float(z_loss), softcap)
         if reduction == "none":
@@ -319,8 +404,11 @@ def fused_linear_cross_entropy(
             loss = full.index_copy(0, keep, loss).reshape(out_shape)
             z_term = full.index_copy(0, keep, z_term).reshape(out_shape)
         return (loss, z_term) if return_z_loss else loss
+    # the reference gathers the kept rows a chunk at a time; one weight for every row lets it compute the
+    # gradients in the forward
+    precompute = torch.is_grad_enabled() and reduction != "none"
     losses_kept, lse_kept, _ = _LinearCrossEntropy.apply(
-        h_kept, weight, bias, y_kept, float(label_smoothing), float(z_loss), softcap,
+        h, weight, bias, y_kept, keep, (float(label_smoothing), float(z_loss), softcap, 0.0), None, precompute,
     )
     z_kept = z_loss * lse_kept.detach() ** 2
 
@@ -343,15 +431,18 @@ def fused_linear_cross_entropy(
 
 def _kl_loss(h, h_base, weight, bias, targets, beta, keep, n_rows, out_shape, reduction, num_items, n_labelled,
              label_smoothing, z_loss, softcap, return_z_loss, return_kl, hidden, kernels):
-    """CE + beta KL(p_base || p) over the kept rows (targets -1: KL only); reduced like the plain loss,
-    "mean" over the labelled rows. The Triton kernel's KL variant when ``_use_kernel``, else the reference."""
+    """CE + beta KL(p_base || p) over the rows ``keep`` of ``h`` / ``h_base`` (targets -1: KL only); reduced
+    like the plain loss, "mean" over the labelled rows. The Triton kernel's KL variant when ``_use_kernel``,
+    else the reference."""
     if _use_kernel(hidden, kernels):
-        losses, z_terms, kl = _kernel_kl_loss(h, h_base, weight, bias, targets, beta, reduction, num_items,
+        h_kept, hb_kept = h.index_select(0, keep), h_base.index_select(0, keep).to(h.dtype)
+        losses, z_terms, kl = _kernel_kl_loss(h_kept, hb_kept, weight, bias, targets, beta, reduction, num_items,
                                               n_labelled, label_smoothing, z_loss, softcap)
         reduced = reduction != "none"  # the kernel returned the totals already scaled
     else:
-        losses, lse, kl = _LinearCrossEntropy.apply(h, weight, bias, targets, label_smoothing, z_loss, softcap,
-                                                    h_base, beta)
+        precompute = torch.is_grad_enabled() and reduction != "none"
+        losses, lse, kl = _LinearCrossEntropy.apply(h, weight, bias, targets, keep,
+                                                    (label_smoothing, z_loss, softcap, beta), h_base, precompute)
         z_terms = torch.where(targets >= 0, z_loss * lse.detach() ** 2, 0.0)
         reduced = False
 
