@@ -99,6 +99,8 @@ class DataConfig:
     add_bos: str = _opt("auto", "Prepend the BOS token (auto: when the tokenizer has one).", ("auto", "true", "false"))
     skip_bad_records: bool = _opt(False, "Skip malformed records (counted and reported) instead of stopping.")
     builtin_size: int = _opt(6000, "Records generated for the built-in dataset.")
+    workers: int = _opt(0, "Processes that validate, render and tokenise the data (chunks of records, in order; the "
+                           "result is the same for any number). 0: the cores (divided among torchrun's ranks).")
     token_cache: bool = _opt(True, "Reuse the token stores of an earlier run on the same data, tokenizer and options "
                                    "(a cache keyed by their content hashes, in $FASTSFT_CACHE_DIR or "
                                    "~/.cache/fastsft/token-stores); false always tokenises.")
@@ -402,6 +404,7 @@ def validate(cfg: Config) -> None:
         except DataError as e:
             need(False, "data.curriculum", str(e))
     need(cfg.data.curriculum_phases >= 1, "data.curriculum_phases", "must be at least 1")
+    need(cfg.data.workers >= 0, "data.workers", "must be 0 (the cores) or a number of processes")
     need(cfg.train.kl_to_base >= 0, "train.kl_to_base", "must be 0 (off) or positive")
     need(cfg.lora.enabled or not cfg.train.kl_to_base or cfg.train.kl_base_topk > 0, "train.kl_to_base",
          "needs lora.enabled: the base is the model with its adapters off (full fine-tuning would need a frozen "

@@ -33,6 +33,7 @@ from .templates import TRAIN_ON, Rendered, render_example
 from .tokenizer import Tokenizer, load_tokenizer
 
 _ENCODE_BATCH = 512    # texts per tokenizer call: large enough to amortise the Rust call
+_CHUNK_RECORDS = 4096  # source records encoded together (one task of the worker pool)
 _BAD_EXAMPLES = 5      # bad-record messages kept per file in the report
 
 
@@ -199,12 +200,220 @@ class _BadRecords:
             self.examples.append(str(located))
 
 
+@dataclass
+class _Job:
+    """What encoding a chunk of one dataset's records needs (inherited by forked workers)."""
+    fmt: str
+    fields: Mapping[str, str]
+    tokenizer: Tokenizer
+    train_on: str
+    add_bos: Any
+    score_field: str | None
+    max_seq_len: int
+    path: str
+    skip: bool
+
+
+@dataclass
+class _Chunk:
+    """One chunk's records as numpy, its counts, and the first bad record when bad records stop the run."""
+    ids: list = field(default_factory=list)
+    labels: list = field(default_factory=list)
+    scores: list = field(default_factory=list)
+    n_read: int = 0
+    n_source: int = 0
+    bad_count: int = 0
+    bad_examples: list = field(default_factory=list)
+    dropped: int = 0
+    truncated: int = 0
+    cut_tokens: int = 0
+    cut_trained: int = 0
+    error: DataError | None = None
+
+
+def _encode_chunk(raws: Sequence[RawRecord], job: _Job) -> _Chunk:
+    """Validate, render, tokenise, label and truncate one chunk of records (in order: the first bad record
+    of the chunk is the one reported)."""
+    out = _Chunk()
+    bad = _BadRecords(job.skip)
+    try:
+        _encode_into(raws, job, bad, out)
+    except DataError as e:
+        out.error = e
+    out.bad_count, out.bad_examples = bad.count, bad.examples
+    return out
+
+
+def _encode_into(raws, job: _Job, bad: _BadRecords, out: _Chunk) -> None:
+    fields, path = job.fields, job.path
+    rendered: list[Rendered] = []
+    kept_raws: list[RawRecord] = []
+    scores: list[float] = []  # with score_field: each kept record's number, in step with kept_raws
+    for raw in raws:
+        out.n_source += 1
+        try:
+            if raw.error is not None:
+                raise raw.error
+            elements = record_elements(raw.value, fields)  # [None], or one per element of a [*] list
+        except RecordError as e:
+            out.n_read += 1
+            bad(e, raw, path)
+            continue
+        out.n_read += len(elements)
+        for element in elements:
+            at = RawRecord(None, line=raw.line, index=raw.index, file=raw.file,
+                           part=element_label(fields, element))
+            try:
+                example = normalize(raw.value, job.fmt, fields, element=element)
+                if job.score_field is not None:
+                    score = field_number(raw.value, job.score_field, element, role="the curriculum's score")
+                rendered.append(render_example(example, job.fmt, job.tokenizer, job.train_on))
+                kept_raws.append(at)
+                if job.score_field is not None:
+                    scores.append(score)
+            except RecordError as e:
+                bad(e, at, path)
+
+    try:
+        encoded = tokenize_rendered(rendered, job.tokenizer, job.add_bos)
+    except Exception:
+        # find the culprit record so the error can name it
+        encoded = []
+        good = []
+        for i, (r, raw) in enumerate(zip(rendered, kept_raws)):
+            try:
+                encoded.extend(tokenize_rendered([r], job.tokenizer, job.add_bos))
+                good.append(i)
+            except Exception as e:
+                bad(RecordError(f"tokenizer failed: {type(e).__name__}: {e}"), raw, path)
+        kept_raws = [kept_raws[i] for i in good]
+        scores = [scores[i] for i in good] if job.score_field is not None else scores
+    del rendered
+
+    max_seq_len = job.max_seq_len
+    for k, ((ids, labels), raw) in enumerate(zip(encoded, kept_raws)):
+        if labels.count(IGNORE_INDEX) == len(labels):
+            bad(RecordError("record has no trained tokens"), raw, path)
+            continue
+        if len(ids) > max_seq_len:
+            rest = labels[max_seq_len:]
+            ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+            if labels.count(IGNORE_INDEX) == len(labels):
+                out.dropped += 1
+                continue
+            out.truncated += 1
+            out.cut_tokens += len(rest)
+            out.cut_trained += len(rest) - rest.count(IGNORE_INDEX)
+        out.ids.append(np.asarray(ids, dtype=np.int32))
+        out.labels.append(np.asarray(labels, dtype=np.int32))
+        if job.score_field is not None:
+            out.scores.append(scores[k])
+
+
+def _chunks(raws, size: int):
+    chunk = []
+    for raw in raws:
+        chunk.append(raw)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+_WORKER_JOB: _Job | None = None  # set in the parent just before the fork; workers read their copy
+
+
+def _worker_chunk(raws):
+    return _encode_chunk(raws, _WORKER_JOB)
+
+
+def _worker_init():
+    """A worker leaves signals to its parent: the trainer's SIGTERM/SIGINT handlers (checkpoint, then stop)
+    are inherited through the fork and would keep the pool's terminate() from ending it."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _encoded_chunks(raws, job: _Job, workers: int):
+    """``_encode_chunk`` of every chunk, in order: in this process, or -- from the second chunk on, when
+    ``workers`` > 1 -- in a pool of forked processes with a few chunks in flight (reading stays streamed)."""
+    global _WORKER_JOB
+    chunks = _chunks(raws, _CHUNK_RECORDS)
+    first = next(chunks, None)
+    if first is None:
+        return
+    second = next(chunks, None)
+    context = _fork_context() if workers > 1 and second is not None else None
+    if context is None:
+        for chunk in itertools.chain([first], [] if second is None else [second], chunks):
+            yield _encode_chunk(chunk, job)
+        return
+    import collections
+    import os
+
+    _WORKER_JOB = job
+    # forked workers would inherit the fast tokenizer's thread pool: tell it not to use one (it warns else)
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        pool = context.Pool(workers, initializer=_worker_init)
+    finally:
+        _WORKER_JOB = None
+        if previous is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
+    try:
+        pending = collections.deque()
+        for chunk in itertools.chain([first, second], chunks):
+            pending.append(pool.apply_async(_worker_chunk, (chunk,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def _fork_context():
+    """multiprocessing's fork context where the platform has it (Linux), else None (then no pool)."""
+    import multiprocessing
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return multiprocessing.get_context("fork")
+    except ValueError:
+        return None
+
+
+def default_workers() -> int:
+    """Processes for tokenising: the cores this process may use."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
 def load_dataset(spec: DatasetSpec, tokenizer: Tokenizer, *, max_seq_len: int, train_on: str = "all",
                  add_bos: Any = "auto", skip_bad_records: bool = False, source: int = 0,
-                 name: str | None = None, score_field: str | None = None) -> tuple[TokenStore, dict]:
+                 name: str | None = None, score_field: str | None = None,
+                 workers: int | None = None) -> tuple[TokenStore, dict]:
     """Read, validate and encode one dataset into a TokenStore (all records, before any split or
     mixing) plus its report entry. ``score_field``: a field path whose number each record must have,
-    kept as the store's ``score`` (the curriculum's ``field:NAME``)."""
+    kept as the store's ``score`` (the curriculum's ``field:NAME``).
+
+    Records are read streamed and encoded in chunks of ``_CHUNK_RECORDS``, each turned into numpy arrays
+    at once (memory: the token store plus a few chunks, not every record as Python objects); from the second
+    chunk on in ``workers`` forked processes (None: the cores; 1: this process only). The result does not
+    depend on ``workers``."""
     name = name or spec.display_name
     path = str(spec.path) if spec.path is not None else name
     fields = spec.fields or {}
@@ -220,85 +429,34 @@ def load_dataset(spec: DatasetSpec, tokenizer: Tokenizer, *, max_seq_len: int, t
     detected = spec.format == "auto"
     head = detection_sample(raws, fields) if detected else []
     fmt = detect_file_format(head, fields, path) if detected else spec.format
-    bad = _BadRecords(skip_bad_records)
+    job = _Job(fmt=fmt, fields=fields, tokenizer=tokenizer, train_on=train_on, add_bos=add_bos,
+               score_field=score_field, max_seq_len=max_seq_len, path=path, skip=skip_bad_records)
 
-    # validate and render every record first: errors name the record before any tokenization. Only
-    # the rendered text is kept, and where each record came from (not the record).
-    rendered: list[Rendered] = []
-    kept_raws: list[RawRecord] = []
-    scores: list[float] = []  # with score_field: each kept record's number, in step with kept_raws
-    n_read = n_source = 0
-    for raw in itertools.chain(head, raws):
-        n_source += 1
-        try:
-            if raw.error is not None:
-                raise raw.error
-            elements = record_elements(raw.value, fields)  # [None], or one per element of a [*] list
-        except RecordError as e:
-            n_read += 1
-            bad(e, raw, path)
-            continue
-        n_read += len(elements)
-        for element in elements:
-            at = RawRecord(None, line=raw.line, index=raw.index, file=raw.file,
-                           part=element_label(fields, element))
-            try:
-                example = normalize(raw.value, fmt, fields, element=element)
-                if score_field is not None:
-                    score = field_number(raw.value, score_field, element, role="the curriculum's score")
-                rendered.append(render_example(example, fmt, tokenizer, train_on))
-                kept_raws.append(at)
-                if score_field is not None:
-                    scores.append(score)
-            except RecordError as e:
-                bad(e, at, path)
+    ids, labels, scores = [], [], []
+    total = _Chunk()
+    for chunk in _encoded_chunks(itertools.chain(head, raws), job, default_workers() if workers is None else workers):
+        if chunk.error is not None:
+            raise chunk.error
+        ids += chunk.ids
+        labels += chunk.labels
+        scores += chunk.scores
+        for key in ("n_read", "n_source", "bad_count", "dropped", "truncated", "cut_tokens", "cut_trained"):
+            setattr(total, key, getattr(total, key) + getattr(chunk, key))
+        total.bad_examples += chunk.bad_examples[:_BAD_EXAMPLES - len(total.bad_examples)]
     del head
-
-    try:
-        encoded = tokenize_rendered(rendered, tokenizer, add_bos)
-    except Exception:
-        # find the culprit record so the error can name it
-        encoded = []
-        good = []
-        for i, (r, raw) in enumerate(zip(rendered, kept_raws)):
-            try:
-                encoded.extend(tokenize_rendered([r], tokenizer, add_bos))
-                good.append(i)
-            except Exception as e:
-                bad(RecordError(f"tokenizer failed: {type(e).__name__}: {e}"), raw, path)
-        kept_raws = [kept_raws[i] for i in good]
-        scores = [scores[i] for i in good] if score_field is not None else scores
-
-    kept, kept_scores, dropped, truncated = [], [], 0, 0
-    cut_tokens = cut_trained = 0  # of the records kept, what truncation removed
-    for k, ((ids, labels), raw) in enumerate(zip(encoded, kept_raws)):
-        if labels.count(IGNORE_INDEX) == len(labels):
-            bad(RecordError("record has no trained tokens"), raw, path)
-            continue
-        if len(ids) > max_seq_len:
-            rest = labels[max_seq_len:]
-            ids, labels = ids[:max_seq_len], labels[:max_seq_len]
-            if labels.count(IGNORE_INDEX) == len(labels):
-                dropped += 1
-                continue
-            truncated += 1
-            cut_tokens += len(rest)
-            cut_trained += len(rest) - rest.count(IGNORE_INDEX)
-        kept.append((ids, labels))
-        if score_field is not None:
-            kept_scores.append(scores[k])
-    if dropped and len(kept) <= 0.01 * (len(kept) + dropped):  # "almost none": training on a handful is an error
-        raise DataError(f"only {len(kept)} of {len(kept) + dropped} records are left: {dropped} lose every trained "
+    kept, dropped = len(ids), total.dropped
+    if dropped and kept <= 0.01 * (kept + dropped):  # "almost none": training on a handful is an error
+        raise DataError(f"only {kept} of {kept + dropped} records are left: {dropped} lose every trained "
                         f"token when truncated to max_seq_len={max_seq_len}; raise data.max_seq_len", path=path)
 
     if not kept:
-        if bad.count:
-            raise DataError(f"no usable records: all {bad.count} of {n_read} records are bad "
-                            f"(first: {bad.examples[0]})", path=path)
+        if total.bad_count:
+            raise DataError(f"no usable records: all {total.bad_count} of {total.n_read} records are bad "
+                            f"(first: {total.bad_examples[0]})", path=path)
         raise DataError(f"no usable records: all {dropped} records lose every trained token when "
                         f"truncated to max_seq_len={max_seq_len}", path=path)
-    store = TokenStore.from_records(kept, source=source, names=None,
-                                    score=kept_scores if score_field is not None else None)
+    store = TokenStore.from_records(zip(ids, labels), source=source, names=None,
+                                    score=scores if score_field is not None else None)
     report = {
         "name": name,
         "path": None if spec.path is None else str(spec.path),
@@ -306,14 +464,14 @@ def load_dataset(spec: DatasetSpec, tokenizer: Tokenizer, *, max_seq_len: int, t
         "format_detected": detected,
         "fields": dict(fields) or None,
         "weight": spec.weight,
-        "records_read": n_read,
-        "source_records": n_source,  # records in the source (records_read counts [*] elements apart)
-        "bad_skipped": bad.count,
-        "bad_examples": bad.examples,
+        "records_read": total.n_read,
+        "source_records": total.n_source,  # records in the source (records_read counts [*] elements apart)
+        "bad_skipped": total.bad_count,
+        "bad_examples": total.bad_examples,
         "dropped_truncated": dropped,
-        "truncated": truncated,
-        "truncated_tokens": cut_tokens,
-        "truncated_trained_tokens": cut_trained,
+        "truncated": total.truncated,
+        "truncated_tokens": total.cut_tokens,
+        "truncated_trained_tokens": total.cut_trained,
         "records": len(store),
         "tokens": store.num_tokens,
         "trained_tokens": store.num_trained_tokens,
@@ -393,7 +551,8 @@ def _summary(store: TokenStore) -> dict:
 def build_dataset(specs: Sequence[Any], tokenizer: Any, *, max_seq_len: int, train_on: str = "all",
                   add_bos: Any = "auto", skip_bad_records: bool = False, eval_fraction: float = 0.0,
                   eval_specs: Sequence[Any] | None = None, seed: int = 0, replay: Any = None,
-                  replay_share: float = 0.0, score_field: str | None = None) -> DatasetBundle:
+                  replay_share: float = 0.0, score_field: str | None = None,
+                  workers: int | None = None) -> DatasetBundle:
     """Read, validate, encode, split and mix datasets.
 
     specs: DatasetSpec, paths, or dicts of DatasetSpec fields. tokenizer: a Tokenizer or anything
@@ -407,7 +566,9 @@ def build_dataset(specs: Sequence[Any], tokenizer: Any, *, max_seq_len: int, tra
     report's ``replay`` says the share asked for and the share realised.
 
     score_field: a field path every training record must hold a number at (``data.curriculum:
-    field:NAME``); the train store's ``score`` keeps it (NaN for replay records, which have none)."""
+    field:NAME``); the train store's ``score`` keeps it (NaN for replay records, which have none).
+
+    workers: processes that encode (see `load_dataset`); None: the cores."""
     if isinstance(specs, (str, Path, DatasetSpec, Mapping)):
         specs = [specs]
     specs = [DatasetSpec.coerce(s) for s in specs]
@@ -427,7 +588,7 @@ def build_dataset(specs: Sequence[Any], tokenizer: Any, *, max_seq_len: int, tra
         raise ValueError("give either eval_fraction or eval_specs, not both")
     tokenizer = load_tokenizer(tokenizer)
     kw = dict(max_seq_len=int(max_seq_len), train_on=train_on, add_bos=add_bos,
-              skip_bad_records=skip_bad_records)
+              skip_bad_records=skip_bad_records, workers=workers)
 
     taken: set[str] = set()
     names = _unique_names(specs, taken)

@@ -24,6 +24,7 @@ from fastsft import config as config_mod
 from fastsft import kernel_usage
 from fastsft.config import Config, ConfigError, curriculum_field
 from fastsft.data import DatasetSpec, TokenStore, build_dataset, load_tokenizer
+from fastsft.data.pipeline import default_workers
 from fastsft.data import cache as token_cache
 from fastsft.data.builtin import generate as generate_builtin
 from fastsft.model import ModelConfig, build_model, load_model, save_pretrained
@@ -293,13 +294,14 @@ def _train(cfg: Config, run: RunDirectory, dist) -> dict:
             specs = [DatasetSpec(records=generate_builtin(cfg.data.builtin_size, seed=cfg.train.seed),
                                  name="builtin", format="prompt_completion")]
         eval_specs = _dataset_specs(cfg.data.eval_datasets, cfg) if cfg.data.eval_datasets else None
+        workers = cfg.data.workers or max(1, default_workers() // dist.world_size)
         bundle = build_dataset(specs, tokenizer, max_seq_len=cfg.data.max_seq_len, train_on=cfg.data.train_on,
                                add_bos=cfg.data.add_bos, skip_bad_records=cfg.data.skip_bad_records,
                                eval_fraction=0.0 if eval_specs else cfg.data.eval_fraction,
                                eval_specs=eval_specs, seed=cfg.train.seed,
                                replay=_text_spec(cfg.data.replay["path"]) if cfg.data.replay else None,
                                replay_share=cfg.data.replay["weight"] if cfg.data.replay else 0.0,
-                               score_field=curriculum_field(cfg.data.curriculum))
+                               score_field=curriculum_field(cfg.data.curriculum), workers=workers)
         train_store, eval_store, report = bundle.train, bundle.eval, bundle.report
         if dist.is_main:  # every rank tokenizes the same records the same way; rank 0 keeps them
             with writing(data_dir, "the token stores"):

@@ -55,6 +55,7 @@ RESUMABLE = {
     "output.checkpoint_minutes": "checkpoint cadence",
     "output.keep_checkpoints": "how many checkpoints are kept",
     "output.progress": "progress bar",
+    "data.workers": "tokenising processes (the token stores are reused on resume)",
     "output.plot": "loss plot",
     "output.report_to": "where metrics are also sent",
     "train.threads": "CPU threads",

@@ -325,3 +325,28 @@ def test_codealpaca_with_llama2(llama, tmp_path):
     assert len(b.train) + len(b.eval) == 100
     for ids, labels in b.train:
         assert ids[-1] == llama.eos_id and labels[-1] == llama.eos_id
+
+
+def test_a_worker_pool_encodes_exactly_what_one_process_does(tmp_path, monkeypatch):
+    """Chunks of 7 records through 2 forked workers: the same stores, scores and report as one process; the
+    first bad record in file order stops both with the same line; skipped ones are counted alike."""
+    from fastsft.data import pipeline
+
+    from helpers import data_error
+
+    monkeypatch.setattr(pipeline, "_CHUNK_RECORDS", 7)
+    recs = [{"prompt": f"question {k} " * (k % 5 + 1), "completion": f"answer {k}", "level": k % 3}
+            for k in range(60)]
+    path = write_jsonl(tmp_path / "d.jsonl", recs)
+    one, two = (build_dataset([DatasetSpec(path)], TOK, max_seq_len=24, seed=1, eval_fraction=0.1,
+                              score_field="level", workers=w) for w in (1, 2))
+    assert one.train == two.train and one.eval == two.eval and one.report == two.report
+    assert one.report["datasets"][0]["truncated"] > 0
+    recs[30] = {"prompt": "no answer here"}
+    recs[50] = {"oops": 1}
+    path = write_jsonl(tmp_path / "bad.jsonl", recs)
+    msgs = {w: data_error(path, workers=w) for w in (1, 2)}
+    assert msgs[1] == msgs[2] and msgs[1].startswith(f"{path}:31: ")
+    skipped = [build_dataset([DatasetSpec(path)], TOK, max_seq_len=24, skip_bad_records=True, workers=w)
+               for w in (1, 2)]
+    assert skipped[0].report == skipped[1].report and skipped[0].report["datasets"][0]["bad_skipped"] == 2

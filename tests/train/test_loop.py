@@ -329,3 +329,16 @@ def test_cached_top_k_anchor_with_all_but_one_token_trains_like_the_forward_anch
         tiny_cfg(tmp_path, **{"lora.enabled": False, "train.kl_to_base": 0.1})
     with pytest.raises(cfgmod.ConfigError, match="train.kl_base_topk"):
         tiny_cfg(tmp_path, **{"train.kl_base_topk": 8})
+
+
+def test_tokenising_in_a_worker_pool_under_the_trainers_signal_handlers(tmp_path, monkeypatch):
+    """train() installs SIGTERM/SIGINT handlers; forked tokenising workers must not inherit them (the pool's
+    terminate() would then never end them and the run would hang), and the stores equal one process's."""
+    from fastsft.data import pipeline
+
+    monkeypatch.setattr(pipeline, "_CHUNK_RECORDS", 16)
+    for workers in (2, 1):
+        train(tiny_cfg(tmp_path / str(workers), **{"data.workers": workers, "data.token_cache": False,
+                                                   "train.max_steps": 1, "eval.exact_match": 0}))
+    a, b = (np.load(tmp_path / w / "run" / "data" / "train.npz") for w in ("1", "2"))
+    assert all(np.array_equal(a[k], b[k]) for k in ("ids", "labels", "offsets"))
