@@ -396,7 +396,7 @@ def fused_linear_cross_entropy(
                         reduction, num_items, n_labelled, float(label_smoothing), float(z_loss), softcap,
                         return_z_loss, return_kl, hidden, kernels)
     if _use_kernel(hidden, kernels):
-        h_kept = h.index_select(0, keep)  # the kernel takes the kept rows packed
+        h_kept = _kept_rows(h, keep)  # the kernel takes the kept rows packed
         loss, z_term = _kernel_loss(h_kept, weight, bias, y_kept, reduction, num_items, ignore_index,
                                     float(label_smoothing), float(z_loss), softcap)
         if reduction == "none":
@@ -429,13 +429,19 @@ def fused_linear_cross_entropy(
     return (loss, _reduce(torch.zeros_like(losses_kept))) if return_kl else loss
 
 
+def _kept_rows(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``x[keep]`` packed; ``x`` itself when every row is kept (no copy, and no [rows x D] scatter of its
+    gradient in the backward)."""
+    return x.contiguous() if keep.numel() == x.shape[0] else x.index_select(0, keep)
+
+
 def _kl_loss(h, h_base, weight, bias, targets, beta, keep, n_rows, out_shape, reduction, num_items, n_labelled,
              label_smoothing, z_loss, softcap, return_z_loss, return_kl, hidden, kernels):
     """CE + beta KL(p_base || p) over the rows ``keep`` of ``h`` / ``h_base`` (targets -1: KL only); reduced
     like the plain loss, "mean" over the labelled rows. The Triton kernel's KL variant when ``_use_kernel``,
     else the reference."""
     if _use_kernel(hidden, kernels):
-        h_kept, hb_kept = h.index_select(0, keep), h_base.index_select(0, keep).to(h.dtype)
+        h_kept, hb_kept = _kept_rows(h, keep), _kept_rows(h_base, keep).to(h.dtype)
         losses, z_terms, kl = _kernel_kl_loss(h_kept, hb_kept, weight, bias, targets, beta, reduction, num_items,
                                               n_labelled, label_smoothing, z_loss, softcap)
         reduced = reduction != "none"  # the kernel returned the totals already scaled

@@ -39,17 +39,31 @@ pass 2 writes the gradient above into z's buffer (z_base is only read). The tile
 Budget (N kept rows, vocabulary V, hidden D, s bytes per element of the input dtype):
 
     matmul FLOPs      6 N V D with a trainable head (logits, grad_h, grad_W), 4 N V D frozen: the floor.
-                      A blockwise-recompute scheme (the reference in ``fastsft.loss``) does 8 N V D.
+                      A blockwise-recompute scheme (Cut Cross-Entropy; the reference in ``fastsft.loss``
+                      for reduction="none") does 8 N V D.
     logits traffic    the matmul writes C V, the row kernel reads C V twice and writes C V, the two
                       gradient matmuls read C V: about 6 N V s bytes in all. N=16k, V=152k, D=2048,
                       bf16: 30 GB (~9 ms at 3.3 TB/s) against 3.1e13 FLOPs (~45 ms at ~700 TFLOP/s),
                       so the target is >= ~80 % of the matmul floor.
-    extra memory      one chunk of logits, C V s <= CHUNK_BYTES (256 MiB); a float32 grad_W
-                      accumulator of V D 4 bytes during the forward when the weight is 16-bit
-                      (V=152k, D=2048: 1.2 GiB; ``accumulate_in_fp32=False`` drops it and accumulates
-                      in the weight dtype); and the finished gradients, grad_h (N D s) and grad_W
-                      (V D s), held from the forward to the backward: they exist at the activation
-                      peak, the price of not recomputing the logits. A frozen head holds only grad_h.
+    extra memory      by arithmetic (no GPU has run it yet; ``bench_fused_linear_cross_entropy.py``
+                      measures it there): one chunk of logits, C V s <= CHUNK_BYTES (256 MiB), freed
+                      before the forward returns; the finished gradients, grad_h (N D s) and grad_W
+                      (V D s), held from the forward to the backward (they exist at the activation peak,
+                      the price of not recomputing the logits; a frozen head holds only grad_h); with a
+                      16-bit trainable head a float32 grad_W accumulator of V D 4 bytes in the forward,
+                      whose rounding to the weight dtype is its last peak, V D (4 + s) bytes, after the
+                      chunk is freed (``accumulate_in_fp32=False`` drops it and accumulates in the weight
+                      dtype). ``fastsft.loss`` adds, when rows are masked, the packed kept rows (N D s)
+                      and the scatter of grad_h back to every row (N_all D s); with none masked, nothing.
+                      N=16k (none masked), D=2048, V=152k, bf16: 0.34 GB frozen (the 268 MB chunk and
+                      67 MB of grad_h), 1.9 GB trainable (grad_h, the 1.24 GB accumulator and the
+                      0.62 GB grad_W, once the chunk is freed; 2.2 GB before it was freed first).
+                      torch 2.13's chunked F.linear_cross_entropy with its CUDA defaults ("compact":
+                      float32 logits of next_pow2(N / ceil(V / D)) / 2 = 128 rows, a bf16 copy of them,
+                      grad_W accumulated in bf16 by addmm_) comes to about 0.18 GB frozen and 0.81 GB
+                      trainable there, from its source: the 256 MiB chunk and the float32 accumulator
+                      are what this kernel spends above it. CHUNK_BYTES is to be tuned on the GPU (it
+                      sets the grad_W GEMM's depth); the accumulator is the precision choice above.
     with a base       matmul FLOPs +2 N V D (the base logits; +4 N V D for reduction="none", whose
                       backward recomputes them), logits traffic about +3 N V s (written once, read in
                       each pass). Extra memory: two chunks of logits of C/2 rows each (``_kl_chunk_rows``),
@@ -346,10 +360,11 @@ def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
             return
         except (RuntimeError, NotImplementedError):
             _ADDMM_FP32_OUT = False
-    # fallback: 16-bit product a block of rows at a time (bounded temporary), added in fp32
+    # fallback: 16-bit product a block of rows at a time (a temporary of at most CHUNK_BYTES), added in
+    # fp32: add_ upcasts element by element, so no float32 copy of the block is made
     step = max(1, CHUNK_BYTES // (b.shape[1] * b.element_size()))
     for s in range(0, acc.shape[0], step):
-        acc[s : s + step] += (a[s : s + step] @ b).float()
+        acc[s : s + step].add_(a[s : s + step] @ b)
 
 
 def _chunked_logits_and_grads(h, weight, bias, targets, *, need, scale, lse, accumulate_in_fp32,
@@ -414,6 +429,9 @@ def _chunked_logits_and_grads(h, weight, bias, targets, *, need, scale, lse, acc
                 _addmm_fp32_(grad_w, z.t(), hc)
         if need_b:
             grad_b += z.sum(0, dtype=torch.float32)
+    # the chunk buffers go before the float32 grad_W accumulator is rounded to a 16-bit copy: the two
+    # V x D tensors, not the chunks too, are the forward's last peak
+    z_buf = zb_buf = z = zb = base = None
     if grad_w is not None:
         grad_w = grad_w.to(weight.dtype)
     if grad_b is not None:
