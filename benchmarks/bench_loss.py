@@ -7,8 +7,11 @@ Shape: N = 2048 tokens (half masked, as prompt tokens are), hidden D = 512, voca
 
 Providers (each records tokens/s and the [N, V] logits bytes it avoids or pays in extra_info):
   torch              F.linear + F.cross_entropy: materialises the float32 [N, V] logits and their gradient
-  torch-linear-ce    torch.nn.functional.linear_cross_entropy: torch's own fused op (where the installed
-                     torch has it; torch 2.13 does)
+  torch-linear-ce    torch.nn.functional.linear_cross_entropy with its default options=None: torch's
+                     reference path, linear + cross-entropy again (where the installed torch has it;
+                     torch 2.13 does)
+  torch-linear-ce-chunked  the same with options=LinearCrossEntropyOptions(): torch's chunked path
+                     (gradients in the forward, a chunk of rows at a time)
   fastsft-reference  fastsft.loss.fused_linear_cross_entropy(kernels="off"): the chunked PyTorch path
                      (the CPU path, the oracle and the benchmark ablation), masked rows dropped first
   fastsft-kernel     the same call on the Triton kernel: CUDA only. On the CPU Triton runs only in its
@@ -75,6 +78,14 @@ def test_torch_linear_cross_entropy(benchmark, inputs):
     if not hasattr(F, "linear_cross_entropy"):
         pytest.skip(f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy")
     _bench(benchmark, lambda h, w, y: F.linear_cross_entropy(h, w, y, ignore_index=-100), inputs, "torch-linear-ce")
+
+
+def test_torch_linear_cross_entropy_chunked(benchmark, inputs):
+    if not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        pytest.skip(f"torch {torch.__version__} has no chunked linear_cross_entropy (LinearCrossEntropyOptions)")
+    opts = torch.nn.LinearCrossEntropyOptions()
+    _bench(benchmark, lambda h, w, y: F.linear_cross_entropy(h, w, y, ignore_index=-100, options=opts), inputs,
+           "torch-linear-ce-chunked")
 
 
 def test_fastsft_reference(benchmark, inputs):
