@@ -16,6 +16,7 @@ A reporter whose package is missing is one line naming what to install, before a
 from __future__ import annotations
 
 import math
+import uuid
 from pathlib import Path
 
 from fastsft.config import ConfigError
@@ -63,7 +64,8 @@ class WandB:
             raise ConfigError("output.report_to wandb needs the wandb package: pip install wandb "
                               "(or leave it out of output.report_to)") from None
         id_file = run_dir / "wandb_id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        # our own id (wandb's generator moved between versions): 8 lowercase hex digits, a valid W&B run id
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
         if not id_file.is_file():
             from fastsft.train.files import atomic_write_text
 
