@@ -1,6 +1,7 @@
 """Loss memory on the CPU: the extra memory and the time of one forward + backward of linear + cross-entropy.
 
     python benchmarks/bench_loss_memory.py                # writes results/<date>-cpu-<n>core-loss-memory.json
+    python benchmarks/bench_loss_memory.py --baseline cc01ac7   # also fastsft as of that commit (before/after)
     python benchmarks/bench_loss_memory.py --smoke        # tiny shapes, nothing written
 
 Shape: N = 4096 tokens, half of them masked (-100, as prompt tokens are), hidden D = 1024, vocabulary
@@ -8,8 +9,8 @@ V = 32,000 (Llama-2), float32; a trainable head (weight.requires_grad) and a fro
 
 Providers, each in its own fresh process (so nothing another provider allocated stays resident):
   torch               F.linear + F.cross_entropy: the float32 [N, V] logits and their gradient
-  torch-linear-ce     torch.nn.functional.linear_cross_entropy(..., options=LinearCrossEntropyOptions()):
-                      torch's chunked path (torch >= 2.13; options=None is the plain path above)
+  torch-linear-ce-chunked  torch.nn.functional.linear_cross_entropy(..., options=LinearCrossEntropyOptions()):
+                      torch's chunked path (torch >= 2.13; its default options=None is the plain path above)
   fastsft-reference   fastsft.loss.fused_linear_cross_entropy(kernels="off"): the chunked reference
   fastsft-kl          the same with the KL anchor (base_hidden, kl_beta=0.1): two models' logit chunks
 
@@ -21,8 +22,9 @@ counts everything the step allocates, the gradients it returns included (grad_hi
 the first step's peak minus the resident set with only the inputs built: it adds one-time costs (torch's
 chunked op imports sympy/dynamo on its first call, about 150 MB). Two warm-up steps, then ``--rounds``
 timed ones: seconds is their median (``seconds_min`` the fastest: on a shared machine the least
-disturbed). ``git`` records the commit and whether fastsft/loss.py differed from it. The largest gradient difference from the torch provider (same head) is
-recorded per row; the KL rows have another loss, so none.
+disturbed). ``git`` records the commit and whether fastsft/loss.py differed from it. The largest
+gradient difference from the torch provider (same head) is recorded per row; the KL rows have another
+loss, so none.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import _results  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-PROVIDERS = ("torch", "torch-linear-ce", "fastsft-reference", "fastsft-kl")
+PROVIDERS = ("torch", "torch-linear-ce-chunked", "fastsft-reference", "fastsft-kl")
 HEADS = ("trainable", "frozen")
 SHAPE = (4096, 1024, 32000)
 SMOKE_SHAPE = (256, 64, 1000)
@@ -79,7 +81,7 @@ def _loss_fn(provider: str):
 
     if provider == "torch":
         return lambda h, w, y, hb: F.cross_entropy(F.linear(h, w), y, ignore_index=-100)
-    if provider == "torch-linear-ce":
+    if provider == "torch-linear-ce-chunked":
         import torch.nn as nn
 
         if not hasattr(F, "linear_cross_entropy") or not hasattr(nn, "LinearCrossEntropyOptions"):
