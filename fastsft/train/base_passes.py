@@ -37,7 +37,7 @@ def compute_base_topk(model, store, k: int, *, pad_id: int, batch_size: int, dev
     (the base), in eval mode; records in batches of similar length."""
     vocab = model.lm_head.weight.shape[0]
     if not 0 < k < vocab:
-        raise ValueError(f"kl_base_topk must be between 1 and the vocabulary size - 1 ({vocab - 1}), got {k}")
+        raise ValueError(f"train.kl_base_topk must be between 1 and the vocabulary size - 1 ({vocab - 1}), got {k}")
     ids_out = np.zeros((store.num_tokens, k), np.int32)
     logp_out = np.zeros((store.num_tokens, k + 1), np.float32)
     weight = model.lm_head.weight
