@@ -36,7 +36,11 @@ trainable head; computed in the forward, they are held until the backward) plus 
 (78 MB at V=152k), plus vectors of a few bytes a row. A soft cap adds a second chunk (tanh, for the
 gradient); the KL anchor uses three chunks of half the rows (z, z_base, p_base). The kept rows are never
 copied whole, and a frozen head (LoRA) skips all weight-gradient work. ``tests/test_loss_memory.py``
-holds every allocation to that bound.
+holds every allocation to that bound. Measured (``benchmarks/bench_loss_memory.py``, 2 CPU cores,
+N=4096 half masked, D=1024, V=32000, fp32; peak resident memory of a warm step above the inputs, the
+gradients included): 169 MB with a trainable head, 38 MB frozen, at 0.54x / 0.48x the time of
+``linear + cross_entropy`` (1573 MB); torch 2.13's chunked ``F.linear_cross_entropy`` takes 297 / 43 MB
+at 1.38x / 1.20x. With the KL anchor: 174 / 45 MB.
 
 Rows whose label is ``ignore_index`` are compacted away before any matmul, so prompt tokens cost
 nothing.
