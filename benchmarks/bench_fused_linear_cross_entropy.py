@@ -2,7 +2,7 @@
 
     python benchmarks/bench_fused_linear_cross_entropy.py                 # GPU: the issue's shapes
     python benchmarks/bench_fused_linear_cross_entropy.py --cases 16384x2048x151936 --heads frozen \
-        --masked 0 --providers fastsft,liger,cce,torch-linear-ce,torch  # one shape (the GPU session's)
+        --masked 0 --providers fastsft,liger,cce,torch-linear-ce,torch-linear-ce-chunked,torch  # one shape (the GPU session's)
     python benchmarks/bench_fused_linear_cross_entropy.py --smoke         # CPU: tiny shapes, checks the script
 
 Providers (each skipped with the reason recorded when it cannot be imported):
@@ -11,6 +11,8 @@ Providers (each skipped with the reason recorded when it cannot be imported):
   torch              F.linear + F.cross_entropy (materialises the [N, V] logits)
   torch-linear-ce    torch.nn.functional.linear_cross_entropy, torch's own fused op (where the installed
                      torch has it)
+  torch-linear-ce-chunked  the same with options=LinearCrossEntropyOptions(): torch's chunked path (the
+                     memory the fused loss is measured against; where the installed torch has it)
   liger              Liger-Kernel's LigerFusedLinearCrossEntropyFunction
   cce                Apple's Cut Cross-Entropy linear_cross_entropy
 
@@ -91,22 +93,31 @@ def _torch_linear_ce():
     return lambda h, w, y: F.linear_cross_entropy(h, w, y, ignore_index=-100)
 
 
+def _torch_linear_ce_chunked():
+    if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        raise RuntimeError(f"torch {torch.__version__} has no chunked linear_cross_entropy "
+                           "(torch.nn.LinearCrossEntropyOptions)")
+    opts = torch.nn.LinearCrossEntropyOptions()
+    return lambda h, w, y: F.linear_cross_entropy(h, w, y, ignore_index=-100, options=opts)
+
+
 def _cce():
     lce = importlib.import_module("cut_cross_entropy").linear_cross_entropy
     return lambda h, w, y: lce(h, w, y)
 
 
-PROVIDERS = ("fastsft", "fastsft-reference", "torch", "torch-linear-ce", "liger", "cce")
+PROVIDERS = ("fastsft", "fastsft-reference", "torch", "torch-linear-ce", "torch-linear-ce-chunked", "liger", "cce")
 
 
 def providers(device: str, wanted=PROVIDERS) -> tuple[dict, dict]:
     """(name -> fn, name -> why it cannot run here) for the ``wanted`` providers."""
     found = {"fastsft": _fastsft, "fastsft-reference": _fastsft_reference, "torch": _torch}
     missing = {}
-    try:
-        found["torch-linear-ce"] = _torch_linear_ce()
-    except RuntimeError as e:
-        missing["torch-linear-ce"] = str(e)
+    for name, make in (("torch-linear-ce", _torch_linear_ce), ("torch-linear-ce-chunked", _torch_linear_ce_chunked)):
+        try:
+            found[name] = make()
+        except RuntimeError as e:
+            missing[name] = str(e)
     if device == "cuda":
         for name, make in (("liger", _liger), ("cce", _cce)):
             try:

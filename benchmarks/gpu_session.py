@@ -359,7 +359,7 @@ def _commands(name: str, smoke: bool, out: Path, result: Path) -> list[list[str]
     if name == "speed-loss":
         case = "16384x2048x151936" if not smoke else "64x48x301"
         return [[py, str(HERE / "bench_fused_linear_cross_entropy.py"), "--cases", case, "--heads", "frozen",
-                 "--masked", "0", "--providers", "fastsft,liger,cce,torch-linear-ce,torch", "--reps", "5",
+                 "--masked", "0", "--providers", "fastsft,liger,cce,torch-linear-ce,torch-linear-ce-chunked,torch", "--reps", "5",
                  *(["--smoke"] if smoke else []), "--out", str(out / SPEED_FILES[name])]]
     return [worker]
 
