@@ -820,17 +820,22 @@ class Backbone(nn.Module):
         return tables
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, cu_seqlens=None, max_seqlen=None,
-                kv_cache: Optional[KVCache] = None, seq_lengths: Optional[torch.Tensor] = None):
-        """seq_lengths [B]: each (right-padded) row's real length, read by NEFTune only."""
+                kv_cache: Optional[KVCache] = None, seq_lengths: Optional[torch.Tensor] = None,
+                inputs_embeds: Optional[torch.Tensor] = None):
+        """seq_lengths [B]: each (right-padded) row's real length, read by NEFTune only. inputs_embeds
+        [B, T, D]: used instead of ``embed(input_ids)`` (multimodal: image features spliced in); input_ids
+        still give the shape."""
         if kv_cache is not None:
-            return self._forward_cached(input_ids, position_ids, attention_mask, kv_cache)
+            return self._forward_cached(input_ids, position_ids, attention_mask, kv_cache, inputs_embeds)
         if input_ids.dim() == 1:  # a single packed row given as [T] -> hidden [T, D]
             if position_ids is not None and position_ids.dim() == 1:
                 position_ids = position_ids.unsqueeze(0)
             if attention_mask is not None and attention_mask.dim() == 1:
                 attention_mask = attention_mask.unsqueeze(0)
+            if inputs_embeds is not None and inputs_embeds.dim() == 2:
+                inputs_embeds = inputs_embeds.unsqueeze(0)
             return self.forward(input_ids.unsqueeze(0), position_ids, attention_mask, cu_seqlens, max_seqlen,
-                                seq_lengths=seq_lengths)[0]
+                                seq_lengths=seq_lengths, inputs_embeds=inputs_embeds)[0]
         B, T = input_ids.shape
         device = input_ids.device
         if attention_mask is not None:
@@ -839,7 +844,7 @@ class Backbone(nn.Module):
             if bool(attention_mask.all()):
                 attention_mask = None  # no padding: keep the is_causal fast path
         if cu_seqlens is not None:
-            return self._forward_packed(input_ids, position_ids, attention_mask, cu_seqlens, max_seqlen)
+            return self._forward_packed(input_ids, position_ids, attention_mask, cu_seqlens, max_seqlen, inputs_embeds)
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
@@ -848,7 +853,7 @@ class Backbone(nn.Module):
         elif position_ids.dim() == 1:
             position_ids = position_ids.unsqueeze(0).expand(B, T)
 
-        h = self.embed(input_ids)
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         if self.neftune_alpha and self.training:
             if seq_lengths is not None:
                 lengths = seq_lengths.to(device).view(B, 1)
@@ -866,7 +871,7 @@ class Backbone(nn.Module):
             h = self._run_layer(layer, h, *ropes[layer.self_attn.rope_kind], masks[w])
         return self.norm(h)
 
-    def _forward_cached(self, input_ids, position_ids, attention_mask, kv_cache: KVCache):
+    def _forward_cached(self, input_ids, position_ids, attention_mask, kv_cache: KVCache, inputs_embeds=None):
         """Generation: ``input_ids`` [B, T] are new tokens after ``len(kv_cache)`` cached ones;
         ``attention_mask`` [B, past + T] covers all of them (1 = token, 0 = left padding)."""
         B, T = input_ids.shape
@@ -878,7 +883,7 @@ class Backbone(nn.Module):
                              f"{(B, past + T)}, got {tuple(attention_mask.shape)}")
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, past:]
-        h = self.embed(input_ids)
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         ropes = self.rope_tables(position_ids, h.dtype)
         masks: dict[Optional[int], torch.Tensor] = {}
         for layer in self.layers:
@@ -893,13 +898,13 @@ class Backbone(nn.Module):
             return checkpoint_layer(layer, h, cos, sin, mask, offload=self.offload_activations)
         return layer(h, cos, sin, mask)
 
-    def _forward_packed(self, input_ids, position_ids, attention_mask, cu_seqlens, max_seqlen):
+    def _forward_packed(self, input_ids, position_ids, attention_mask, cu_seqlens, max_seqlen, inputs_embeds=None):
         """Packed rows: attention stays inside each sequence of cu_seqlens (see module notes)."""
         B, T = input_ids.shape
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
             raise ValueError(f"cu_seqlens must be 1-D [S+1], got shape {tuple(cu_seqlens.shape)}")
         cu_seqlens = cu_seqlens.to(input_ids.device)
-        h = self.embed(input_ids)
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         if attention_mask is not None:
             kernel_usage.record("attention", "reference", "an attention_mask given with packed rows: masked SDPA")
             varlen = None
@@ -977,6 +982,7 @@ class CausalLM(nn.Module):
         max_seqlen: Optional[int] = None,
         kv_cache: Optional[KVCache] = None,
         seq_lengths: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """input_ids [B,T]; position_ids [B,T] (default arange, or cumsum(mask)-1 with a mask);
         attention_mask [B,T] 1=token 0=pad (e.g. left padding). Returns hidden [B,T,D].
@@ -988,11 +994,16 @@ class CausalLM(nn.Module):
         is one row and returns hidden [T, D].
 
         kv_cache (generation, `KVCache`): input_ids are the tokens after the cached ones and
-        attention_mask covers all of them."""
+        attention_mask covers all of them.
+
+        inputs_embeds [B,T,D] (or [T,D]): the decoder's input embeddings, used instead of embedding
+        input_ids (which still give the shape); the multimodal wrapper splices image features into them."""
         if kv_cache is not None:
-            return self.model(input_ids, position_ids=position_ids, attention_mask=attention_mask, kv_cache=kv_cache)
+            return self.model(input_ids, position_ids=position_ids, attention_mask=attention_mask, kv_cache=kv_cache,
+                              inputs_embeds=inputs_embeds)
         return self.model(input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                          cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, seq_lengths=seq_lengths)
+                          cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, seq_lengths=seq_lengths,
+                          inputs_embeds=inputs_embeds)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits for hidden states, soft-capped where the config says (Gemma 2/3's final_logit_softcapping;
