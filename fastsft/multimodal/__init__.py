@@ -8,9 +8,9 @@
 """
 
 from .llava_io import llava_config_dict, load_llava, save_llava
-from .model import (FEATURE_STRATEGIES, PROJECTOR_TYPES, MultimodalCausalLM, Projector, load_vision_tower,
-                    num_image_tokens, splice_image_features, vision_tower_from_config)
+from .model import (FEATURE_STRATEGIES, PROJECTOR_TYPES, MultimodalCausalLM, Projector, VisionFeatureCache,
+                    load_vision_tower, num_image_tokens, splice_image_features, vision_tower_from_config)
 
-__all__ = ["FEATURE_STRATEGIES", "PROJECTOR_TYPES", "MultimodalCausalLM", "Projector", "llava_config_dict",
-           "load_llava", "load_vision_tower", "num_image_tokens", "save_llava", "splice_image_features",
-           "vision_tower_from_config"]
+__all__ = ["FEATURE_STRATEGIES", "PROJECTOR_TYPES", "MultimodalCausalLM", "Projector", "VisionFeatureCache",
+           "llava_config_dict", "load_llava", "load_vision_tower", "num_image_tokens", "save_llava",
+           "splice_image_features", "vision_tower_from_config"]

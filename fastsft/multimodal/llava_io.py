@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from fastsft.model.config import ModelConfig
 from fastsft.model.llama import CausalLM
 
-from .model import MultimodalCausalLM, Projector, num_image_tokens, vision_tower_from_config
+from .model import MultimodalCausalLM, Projector, vision_tower_from_config
 
 __all__ = ["load_llava", "save_llava", "llava_config_dict", "split_llava_key"]
 

@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from collections import OrderedDict
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from fastsft.model.llama import CausalLM
 
-__all__ = ["Projector", "MultimodalCausalLM", "VISION_MODEL_TYPES", "PROJECTOR_TYPES", "FEATURE_STRATEGIES",
-           "load_vision_tower", "vision_tower_from_config", "num_image_tokens", "splice_image_features"]
+__all__ = ["Projector", "MultimodalCausalLM", "VisionFeatureCache", "VISION_MODEL_TYPES", "PROJECTOR_TYPES",
+           "FEATURE_STRATEGIES", "load_vision_tower", "vision_tower_from_config", "num_image_tokens",
+           "splice_image_features"]
 
 PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
 FEATURE_STRATEGIES = ("default", "full")
@@ -296,3 +298,45 @@ class MultimodalCausalLM(nn.Module):
         self.multi_modal_projector.requires_grad_(True)
         self.vision_tower.requires_grad_(False)
         return [p for p in self.parameters() if p.requires_grad]
+
+
+# --------------------------------------------------------------------------- feature cache
+class VisionFeatureCache:
+    """The frozen tower's features per image, computed once: ``cache(keys, load_pixels) -> [n, N, Dv]`` runs
+    the tower only on the images not cached (``load_pixels(missing_keys) -> [m, C, H, W]``, e.g. an
+    ``ImageLoader``), keeping at most ``max_images`` (least recently used out) on ``device`` (default: where
+    the tower computes). The tower is frozen and in eval mode, so a cached feature is the one it would
+    compute again; the projector, which trains, runs on them every step (``forward(vision_features=...)``).
+    Memory: N * Dv * bytes per image (576 * 1024 * 2 = 1.2 MB for CLIP ViT-L/14-336 in bf16)."""
+
+    def __init__(self, model: MultimodalCausalLM, max_images: int, device: Optional[torch.device] = None):
+        self.model, self.max_images, self.device = model, int(max_images), device
+        self._store: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def __call__(self, keys: Sequence[str], load_pixels: Callable[[list], torch.Tensor]) -> torch.Tensor:
+        keys = [str(k) for k in keys]
+        missing = list(dict.fromkeys(k for k in keys if k not in self._store))
+        fresh = {}
+        if missing:
+            feats = self.model.vision_features(load_pixels(missing))
+            fresh = dict(zip(missing, feats))
+        self.hits += len(keys) - len(missing)  # images served without a tower forward of their own
+        self.misses += len(missing)
+        out = []
+        for k in keys:
+            f = fresh.get(k)
+            if f is None:
+                f = self._store[k]
+                self._store.move_to_end(k)
+            out.append(f)
+        for k, f in fresh.items():
+            if self.max_images > 0:
+                self._store[k] = f if self.device is None else f.to(self.device)
+                if len(self._store) > self.max_images:
+                    self._store.popitem(last=False)
+        dev = out[0].device if out else None
+        return torch.stack([f.to(dev) for f in out]) if out else torch.zeros(0)

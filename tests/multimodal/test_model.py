@@ -125,7 +125,8 @@ RECORDS = [
                                                     {"from": "gpt", "value": "the first"}]},
     {"image": "2.png", "conversations": [{"from": "human", "value": "Colour?"}, {"from": "gpt", "value": "blue"}]},
     {"conversations": [{"from": "human", "value": "no picture"}, {"from": "gpt", "value": "fine"}]},
-    {"image": "3.png", "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "yellow box"}]},
+    {"image": "3.png", "conversations": [{"from": "human", "value": "<image>"},
+                                         {"from": "gpt", "value": "yellow box"}]},
 ]
 
 
@@ -218,3 +219,33 @@ def test_vision_tower_stays_frozen_and_in_eval():
         model.trainable("projector+lora")
     with pytest.raises(ValueError, match="placeholder tokens but no images"):
         model(ids)
+
+
+def test_feature_cache_runs_the_tower_once_per_image(tmp_path):
+    from fastsft.multimodal import VisionFeatureCache
+
+    _images(tmp_path)
+    model = _mm_model()
+    loader = ImageLoader(image_processor(VISION))
+    asked = []
+
+    def load(keys):
+        asked.append(list(keys))
+        return loader(keys)
+
+    cache = VisionFeatureCache(model, max_images=2)
+    paths = [str(tmp_path / f"{k}.png") for k in range(4)]
+    first = cache([paths[0], paths[1], paths[0]], load)
+    assert asked == [[paths[0], paths[1]]]  # a repeated image is computed once
+    torch.testing.assert_close(first, model.vision_features(loader([paths[0], paths[1], paths[0]])), atol=0, rtol=0)
+    again = cache([paths[1], paths[2]], load)
+    assert asked[-1] == [paths[2]] and len(cache) == 2  # 1.png from the cache; 0.png evicted (least recent)
+    torch.testing.assert_close(again, model.vision_features(loader([paths[1], paths[2]])), atol=0, rtol=0)
+    cache([paths[0]], load)
+    assert asked[-1] == [paths[0]] and (cache.hits, cache.misses) == (2, 4)
+    # the cached features give the same hidden states as pixels
+    ids = torch.full((1, 10), 65)
+    ids[0, 3:3 + model.num_image_tokens] = IMG_ID
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, vision_features=cache([paths[2]], load)),
+                                   model(ids, pixel_values=loader([paths[2]])), atol=0, rtol=0)
