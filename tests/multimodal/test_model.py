@@ -237,10 +237,11 @@ def test_feature_cache_runs_the_tower_once_per_image(tmp_path):
     paths = [str(tmp_path / f"{k}.png") for k in range(4)]
     first = cache([paths[0], paths[1], paths[0]], load)
     assert asked == [[paths[0], paths[1]]]  # a repeated image is computed once
-    torch.testing.assert_close(first, model.vision_features(loader([paths[0], paths[1], paths[0]])), atol=0, rtol=0)
+    # (to fp32 rounding: a batch of 3 images may take a different matmul path than the cache's batch of 2)
+    torch.testing.assert_close(first, model.vision_features(loader([paths[0], paths[1], paths[0]])))
     again = cache([paths[1], paths[2]], load)
     assert asked[-1] == [paths[2]] and len(cache) == 2  # 1.png from the cache; 0.png evicted (least recent)
-    torch.testing.assert_close(again, model.vision_features(loader([paths[1], paths[2]])), atol=0, rtol=0)
+    torch.testing.assert_close(again, model.vision_features(loader([paths[1], paths[2]])))
     cache([paths[0]], load)
     assert asked[-1] == [paths[0]] and (cache.hits, cache.misses) == (2, 4)
     # the cached features give the same hidden states as pixels
