@@ -56,6 +56,23 @@ class ModelConfig:
                                              "pinned CPU memory instead of GPU memory (copied back for the recompute).")
     load_in_4bit: bool = _opt(False, "QLoRA: quantize the frozen base's linear layers (lora.target_modules) to "
                                      "bitsandbytes NF4 (blocksize 64, double quantization) at load time.")
+    vision_tower: str | None = _opt(None, "Multimodal (LLaVA, with data.format llava): the frozen vision tower, a local "
+                                          "CLIP or SigLIP directory, or 'demo' (a tiny random CLIP built from a config, "
+                                          "for the embedded demo). A LLaVA model.path brings its own tower.")
+    projector: str | None = _opt(None, "Multimodal: start the projector from these weights (stage 2 from stage 1): a "
+                                       "LLaVA directory (a run's model/), a run directory, or a .safetensors file. "
+                                       "Unset: from model.path when it is a LLaVA directory, else random.")
+    projector_type: str = _opt("mlp2x_gelu", "Multimodal: the projector of a new (random) one.",
+                               ("linear", "mlp2x_gelu"))
+    vision_feature_layer: int = _opt(-2, "Multimodal: the tower's hidden state the features come from (LLaVA: -2, "
+                                         "the penultimate layer). A LLaVA model.path brings its own.")
+    vision_feature_select_strategy: str = _opt("default", "Multimodal: default drops the CLS position, full keeps "
+                                                          "it. A LLaVA model.path brings its own.", ("default", "full"))
+    image_token_id: int = _opt(-1, "Multimodal: the placeholder token id that image features replace. -1: the "
+                                   "LLaVA model.path's image_token_index, else the tokenizer's '<image>' token.")
+    vision_feature_cache: int = _opt(0, "Multimodal: keep the frozen tower's features of this many images (each "
+                                        "image's tower forward then runs once, not once an epoch; memory: patches x "
+                                        "tower width x 4 bytes an image). 0: off.")
     trust_remote_code: bool = _opt(False, "Let a Hugging Face tokenizer run Python code from its directory or hub "
                                           "repo (only needed for custom tokenizers; weights are always read as "
                                           "safetensors, never unpickled). Only for sources you trust.")
@@ -76,9 +93,15 @@ class DataConfig:
     datasets: list = _opt([], "Training files: a list of paths or {path, format, fields, weight}. "
                               "Empty: the built-in generated instruction dataset.")
     format: str = _opt("auto", "Record format for datasets that do not set their own.",
-                       ("auto", "alpaca", "prompt_completion", "sharegpt", "messages", "text"))
+                       ("auto", "alpaca", "prompt_completion", "sharegpt", "messages", "text", "llava"))
     fields: dict = _opt({}, "Field mapping canonical=source for datasets that do not set their own, "
                             "e.g. prompt=question,completion=answer (GSM8K).")
+    image_dir: str | None = _opt(None, "llava format: the directory that records' image paths are relative to. "
+                                       "Unset: each data file's own directory.")
+    llava_mode: str = _opt("instruct", "llava format: instruct (stage 2: the conversation in the chat template, "
+                                       "assistant turns trained) or caption (stage 1, LLaVA's plain template: the "
+                                       "image, then the last assistant turn as the caption, trained).",
+                           ("instruct", "caption"))
     eval_datasets: list = _opt([], "Held-out files (same forms as datasets); empty: split off eval_fraction.")
     eval_fraction: float = _opt(0.05, "Fraction of each training dataset held out for eval when no eval_datasets.")
     general_text: str | None = _opt(None, "A plain-text (.txt) or {text} JSON/JSONL file whose perplexity is "
@@ -140,6 +163,10 @@ class TrainConfig:
     neftune_alpha: float = _opt(0.0, "NEFTune: uniform noise on the input embeddings in training, scaled "
                                      "alpha / sqrt(L * hidden) with L each sequence's own length (also inside a "
                                      "packed row). 0: off; the NEFTune paper uses 5-15.")
+    trainable: str = _opt("auto", "Multimodal: what trains beside the frozen tower: projector (stage 1; needs "
+                                  "lora.enabled false), projector+lora, projector+full (lora.enabled false). auto: "
+                                  "projector+lora with lora.enabled, else projector+full.",
+                          ("auto", "projector", "projector+lora", "projector+full"))
     group_by_length: bool = _opt(True, "Without packing: batch records of similar length together (less padding).")
     seed: int = _opt(0, "Seed for model init, LoRA init, data order and dropout.")
     device: str = _opt("auto", "auto = cuda when available, else cpu.", ("auto", "cpu", "cuda"))
@@ -425,6 +452,7 @@ def validate(cfg: Config) -> None:
     need(not bad, "output.report_to", f"has unknown reporters {bad}; known: tensorboard, wandb")
     unknown = set(cfg.train.kernels_off) - set(KERNEL_PIECES)
     need(not unknown, "train.kernels_off", f"has unknown pieces {sorted(unknown)}; known: {', '.join(KERNEL_PIECES)}")
+    _validate_multimodal(cfg, need)
     for i, d in enumerate(cfg.data.datasets + cfg.data.eval_datasets):
         if isinstance(d, dict):
             extra = set(d) - {"path", "format", "fields", "weight"}
@@ -432,6 +460,43 @@ def validate(cfg: Config) -> None:
                  f"entry {i} must be a path or {{path, format, fields, weight}}; got {d!r}")
         else:
             need(isinstance(d, str), "data.datasets", f"entry {i} must be a path; got {d!r}")
+
+
+def dataset_formats(cfg: Config) -> list[str]:
+    """The format of every training and eval dataset (an entry's own, else data.format)."""
+    return [(d.get("format") if isinstance(d, dict) else None) or cfg.data.format
+            for d in cfg.data.datasets + cfg.data.eval_datasets]
+
+
+def is_multimodal(cfg: Config) -> bool:
+    """LLaVA data or a vision tower: the run trains a MultimodalCausalLM (fastsft.multimodal)."""
+    return "llava" in dataset_formats(cfg) or bool(cfg.model.vision_tower)
+
+
+def _validate_multimodal(cfg: Config, need) -> None:
+    if not is_multimodal(cfg):
+        for key in ("model.vision_tower", "model.projector"):
+            need(not flatten_value(cfg, key), key, "is for multimodal runs: set data.format llava")
+        need(cfg.train.trainable == "auto", "train.trainable", "is for multimodal runs: set data.format llava")
+        return
+    formats = dataset_formats(cfg)
+    need(cfg.data.datasets and set(formats) == {"llava"}, "data.format",
+         f"must be llava for every dataset of a multimodal run (records without an image train as text); got "
+         f"{sorted(set(formats)) or ['the built-in dataset']}")
+    for key, ok in (("data.curriculum", cfg.data.curriculum == "none"), ("train.kl_base_topk", not cfg.train.kl_base_topk),
+                    ("train.kl_to_base", not cfg.train.kl_to_base), ("data.replay", cfg.data.replay is None),
+                    ("train.fsdp", not cfg.train.fsdp), ("model.load_in_4bit", not cfg.model.load_in_4bit)):
+        need(ok, key, "is not supported with multimodal (llava) data yet")
+    t = cfg.train.trainable
+    need(t not in ("projector", "projector+full") or not cfg.lora.enabled, "train.trainable",
+         f"{t} trains no LoRA adapters: set lora.enabled false")
+    need(t != "projector+lora" or cfg.lora.enabled, "train.trainable", "projector+lora needs lora.enabled true")
+    need(cfg.model.vision_feature_cache >= 0, "model.vision_feature_cache", "must be 0 (off) or a number of images")
+
+
+def flatten_value(cfg: Config, key: str) -> Any:
+    section, name = key.split(".", 1)
+    return getattr(getattr(cfg, section), name)
 
 
 def to_dict(cfg: Config) -> dict:

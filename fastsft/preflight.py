@@ -22,6 +22,7 @@ On ``--resume`` the data files are not needed (the run's token stores are reused
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -279,7 +280,16 @@ def _check_model(cfg: Config, *, resume: bool):
                     problems.append(problem)
                 else:
                     try:
-                        mcfg = ModelConfig.from_json(p / "config.json")
+                        raw = json.loads((p / "config.json").read_text())
+                        if raw.get("model_type") == "llava":  # a LlavaForConditionalGeneration directory
+                            if not config_mod.is_multimodal(cfg):
+                                problems.append(f"model.path {spec}: a LLaVA (vision-language) model; train it on "
+                                                f"LLaVA data (data.format llava)")
+                            text = dict(raw.get("text_config") or {})
+                            text.setdefault("model_type", "llama")
+                            mcfg = ModelConfig.from_hf_dict(text)
+                        else:
+                            mcfg = ModelConfig.from_json(p / "config.json")
                     except (ValueError, KeyError, TypeError, OSError) as e:
                         problems.append(f"model.path {spec}: config.json is not a supported model: "
                                         f"{' '.join(str(e).split())}")

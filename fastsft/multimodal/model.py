@@ -322,8 +322,11 @@ class VisionFeatureCache:
         missing = list(dict.fromkeys(k for k in keys if k not in self._store))
         fresh = {}
         if missing:
-            feats = self.model.vision_features(load_pixels(missing))
-            fresh = dict(zip(missing, feats))
+            pixels = load_pixels(missing)
+            # one image a forward: an image's features must not depend on which images missed with it (a batched
+            # matmul may round differently by batch size), or a resumed run, whose cache starts empty, would
+            # not replay the uninterrupted run bit for bit
+            fresh = {k: self.model.vision_features(pixels[i : i + 1])[0] for i, k in enumerate(missing)}
         self.hits += len(keys) - len(missing)  # images served without a tower forward of their own
         self.misses += len(missing)
         out = []

@@ -17,17 +17,20 @@ from fastsft.train.batching import IGNORE_INDEX, collate
 
 @torch.no_grad()
 def response_loss(model, store, *, pad_id: int, batch_size: int, max_records: int, device,
-                  autocast=contextlib.nullcontext, kernels: str = "auto") -> dict:
-    """Mean cross-entropy over the trained (response) tokens of the first ``max_records`` records."""
+                  autocast=contextlib.nullcontext, kernels: str = "auto", inputs=None) -> dict:
+    """Mean cross-entropy over the trained (response) tokens of the first ``max_records`` records.
+    ``inputs(indices, width) -> dict``: more forward arguments of a batch of records (their images)."""
     was_training = model.training
     model.eval()
     n = min(len(store), max_records)
     total, count = 0.0, 0
     for s in range(0, n, batch_size):
-        batch = collate(store, np.arange(s, min(n, s + batch_size)), pad_id)
+        idx = np.arange(s, min(n, s + batch_size))
+        batch = collate(store, idx, pad_id)
         targets = batch["targets"].to(device)
+        extra = inputs(idx, batch["input_ids"].shape[1]) if inputs is not None else {}
         with autocast():
-            hidden = model(batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device))
+            hidden = model(batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device), **extra)
             loss = fused_linear_cross_entropy(hidden, model.lm_head.weight, targets, reduction="sum", kernels=kernels,
                                               softcap=model.config.final_logit_softcapping)
         total += float(loss)
@@ -95,11 +98,13 @@ def _answer_text(tokenizer, ids, stops: set[int]) -> str:
 @torch.no_grad()
 def greedy_generate(model, prompts: list[np.ndarray], *, pad_id: int, stop_ids: set[int],
                     max_new_tokens: int, device, autocast=contextlib.nullcontext,
-                    use_cache: bool = True) -> list[list[int]]:
+                    use_cache: bool = True, inputs=None, suppress_ids=()) -> list[list[int]]:
     """Greedy continuations of left-padded prompts. With ``use_cache`` (the default) the prompts run
     once and each new token is one token's forward against the model's `KVCache` (linear in the answer
     length); without it every step runs the whole sequence again (the reference the cache is tested
-    against)."""
+    against). ``inputs(width) -> dict``: more forward arguments of the left-padded prompts when they are
+    ``width`` tokens wide (their images), given to every forward that sees the prompts. ``suppress_ids`` are
+    never generated (an image placeholder: no image would stand behind it)."""
     from fastsft.model.llama import KVCache
 
     width = max(len(p) for p in prompts)
@@ -114,13 +119,18 @@ def greedy_generate(model, prompts: list[np.ndarray], *, pad_id: int, stop_ids: 
     stops = torch.tensor(sorted(stop_ids), device=device)
     cache = KVCache() if use_cache else None
     new = ids
-    for _ in range(max_new_tokens):
+    suppress = torch.tensor(sorted(suppress_ids), dtype=torch.long, device=device)
+    for step in range(max_new_tokens):
         with autocast():
             if cache is not None:
-                hidden = model(new, attention_mask=mask, kv_cache=cache)
+                extra = inputs(ids.shape[1]) if inputs is not None and step == 0 else {}
+                hidden = model(new, attention_mask=mask, kv_cache=cache, **extra)
             else:
-                hidden = model(ids, attention_mask=mask)
-            next_ids = model.logits(hidden[:, -1]).argmax(-1)
+                hidden = model(ids, attention_mask=mask, **(inputs(ids.shape[1]) if inputs is not None else {}))
+            logits = model.logits(hidden[:, -1])
+            if len(suppress):
+                logits[:, suppress] = float("-inf")
+            next_ids = logits.argmax(-1)
         for row in (~done).nonzero().flatten().tolist():
             out[row].append(int(next_ids[row]))
         done |= torch.isin(next_ids, stops)
@@ -153,21 +163,30 @@ def same_answer(expected: str, got: str | None) -> bool:
 
 
 def exact_match(model, tokenizer, store, *, n: int, max_new_tokens: int, batch_size: int, device,
-                autocast=contextlib.nullcontext, answer_pattern: str = "") -> dict:
+                autocast=contextlib.nullcontext, answer_pattern: str = "", inputs=None, suppress_ids=()) -> dict:
     """Fraction of the first ``n`` held-out records whose first response is generated exactly; with
     ``answer_pattern``, also the fraction (``answer_accuracy``) of those whose expected response has an
-    answer that the generated one gives too."""
+    answer that the generated one gives too. ``inputs(indices, width, left_pad, prompt_lengths) -> dict``:
+    more forward arguments of the left-padded prompts of records ``indices`` (their images)."""
     was_training = model.training
     model.eval()
     stops = _stop_ids(tokenizer)
-    pairs = [first_response(*store[i]) for i in range(min(n, len(store)))]
-    pairs = [p for p in pairs if p is not None]
+    pairs = [(i, first_response(*store[i])) for i in range(min(n, len(store)))]
+    records = np.array([i for i, p in pairs if p is not None], dtype=np.int64)
+    pairs = [p for _, p in pairs if p is not None]
     hits, samples = 0, []
     answers, answer_hits = 0, 0
     for s in range(0, len(pairs), batch_size):
         chunk = pairs[s : s + batch_size]
+        prompt_inputs = None
+        if inputs is not None:
+            lengths = np.array([len(p) for p, _ in chunk])
+            idx = records[s : s + batch_size]
+            prompt_inputs = (lambda width, idx=idx, lengths=lengths:  # noqa: E731 - bound per chunk
+                             inputs(idx, width, lengths.max() - lengths, lengths))
         gens = greedy_generate(model, [p for p, _ in chunk], pad_id=tokenizer.pad_id, stop_ids=stops,
-                               max_new_tokens=max_new_tokens, device=device, autocast=autocast)
+                               max_new_tokens=max_new_tokens, device=device, autocast=autocast,
+                               inputs=prompt_inputs, suppress_ids=suppress_ids)
         for (prompt, ref), gen in zip(chunk, gens):
             want, got = _answer_text(tokenizer, ref, stops), _answer_text(tokenizer, gen, stops)
             hits += want == got

@@ -272,13 +272,22 @@ def _train(cfg: Config, run: RunDirectory, dist) -> dict:
     # ---- tokenizer and data -------------------------------------------------------------------------
     tokenizer_spec = cfg.model.tokenizer or (cfg.model.path if cfg.model.path else "byte")
     tokenizer = load_tokenizer(tokenizer_spec, trust_remote_code=cfg.model.trust_remote_code)
+    vision = mm = None
+    if config_mod.is_multimodal(cfg):  # LLaVA data: a record's length counts its images' tokens
+        from fastsft.multimodal import training as mm
+
+        vision = mm.VisionSetup.from_config(cfg, tokenizer)
     data_dir = run_dir / "data"
     reuse_run_stores = resuming and (data_dir / "train.npz").exists()
-    cache_key = token_cache.cache_key(cfg, tokenizer) if cfg.data.token_cache and not reuse_run_stores else None
+    # (multimodal stores name image files, whose contents no cache key covers: always built afresh)
+    cache_key = (token_cache.cache_key(cfg, tokenizer)
+                 if cfg.data.token_cache and not reuse_run_stores and vision is None else None)
     cached = token_cache.lookup(cache_key)
     if reuse_run_stores:
         # the token stores of the interrupted run (verified against run.json): same records, same order
         train_store, eval_store, report = _load_token_stores(data_dir)
+        if vision is not None:
+            mm_train, mm_eval = mm.load_stores(data_dir)
     elif cached is not None:
         # the same data, tokenizer and options as an earlier run: its token stores, no tokenising
         if dist.is_main:
@@ -287,6 +296,17 @@ def _train(cfg: Config, run: RunDirectory, dist) -> dict:
             run.record_inputs("data")
         train_store, eval_store, report = _load_token_stores(cached)
         _say(f"data: token stores from the cache ({cached})")
+    elif vision is not None:
+        mm_train, mm_eval, report = mm.build_data(cfg, tokenizer, vision)
+        train_store, eval_store = mm_train.tokens, (mm_eval.tokens if mm_eval is not None else None)
+        if dist.is_main:
+            with writing(data_dir, "the token stores"):
+                data_dir.mkdir(exist_ok=True)
+                mm_train.save(data_dir / "train.npz")  # and train.images.npz: each record's images
+                if mm_eval is not None:
+                    mm_eval.save(data_dir / "eval.npz")
+                atomic_write_text(data_dir / "report.json", json.dumps(report, indent=1, default=str))
+            run.record_inputs("data")
     else:
         if cfg.data.datasets:
             specs = _dataset_specs(cfg.data.datasets, cfg)
@@ -327,7 +347,10 @@ def _train(cfg: Config, run: RunDirectory, dist) -> dict:
     bf16 = device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
     dtype = DTYPES.get(cfg.model.dtype) or (torch.bfloat16 if bf16 else torch.float32)
     load_device = torch.device("cpu") if dist.fsdp else device  # FSDP2 moves only each rank's shards
-    if cfg.model.path:  # 4-bit: a bnb-4bit checkpoint as it is, or quantized weight by weight while loading
+    if vision is not None and vision.llava_dir:  # a LLaVA directory: tower, projector and language model
+        model = mm.build_model(cfg, vision, dtype=dtype, device=load_device, seed=cfg.train.seed)
+        base_name = str(Path(cfg.model.path).resolve())
+    elif cfg.model.path:  # 4-bit: a bnb-4bit checkpoint as it is, or quantized weight by weight while loading
         model = load_model(cfg.model.path, dtype=dtype, device=load_device, load_in_4bit=cfg.model.load_in_4bit,
                            target_modules=cfg.lora.target_modules)
         # the adapter names its base: a local directory absolutely (peft run from elsewhere must find it,
@@ -336,23 +359,36 @@ def _train(cfg: Config, run: RunDirectory, dist) -> dict:
     else:
         # a random base is saved beside the run: the adapter means nothing without it
         base_name = str((run_dir / "base_model").resolve())
-        if resuming:  # verified against run.json
+        if resuming and vision is not None:  # the random LLaVA (its tower, first projector, decoder) saved
+            from fastsft.multimodal import load_llava
+
+            model = load_llava(base_name, dtype=dtype, device=load_device)
+        elif resuming:  # verified against run.json
             model = load_model(base_name, dtype=dtype, device=load_device)
         else:
             src = cfg.model.config
             mcfg = ModelConfig.from_json(src) if Path(src).exists() else ModelConfig.from_name(src)
             model = build_model(mcfg, dtype=dtype, device=load_device, seed=cfg.train.seed)
+            if vision is not None:
+                model = mm.build_model(cfg, vision, dtype=dtype, device=load_device, language_model=model,
+                                       seed=cfg.train.seed)
             if dist.is_main and cfg.output.save_random_base:
                 with atomic_directory(Path(base_name), f"the random base model {base_name}") as tmp:
-                    save_pretrained(model, tmp)
+                    mm.save_llava_model(model, tmp, processor=vision.processor) if vision is not None \
+                        else save_pretrained(model, tmp)
                 run.record_inputs("base_model")
+    if vision is not None and not isinstance(model, mm.MultimodalCausalLM):  # model.path: a text decoder
+        model = mm.build_model(cfg, vision, dtype=dtype, device=load_device, language_model=model,
+                               seed=cfg.train.seed)
+    # the decoder: what LoRA, quantization, kernels and checkpointing apply to (never the vision tower)
+    decoder = model.language_model if vision is not None else model
     vocab = model.lm_head.weight.shape[0]
     max_id = int(train_store.ids.max())
     if max_id >= vocab:
         raise ConfigError(f"tokenizer '{tokenizer_spec}' produces token id {max_id} but "
                           f"the model's vocabulary has {vocab} entries; use the model's own tokenizer")
-    model.gradient_checkpointing = cfg.model.gradient_checkpointing
-    model.offload_activations = cfg.model.offload_activations
+    decoder.gradient_checkpointing = cfg.model.gradient_checkpointing
+    decoder.offload_activations = cfg.model.offload_activations
     if cfg.model.load_in_4bit and not cfg.model.path:
         from fastsft.model.nf4 import quantize_linears
 
@@ -361,9 +397,11 @@ def _train(cfg: Config, run: RunDirectory, dist) -> dict:
         raise ConfigError(f"model '{cfg.model.path}' is a 4-bit checkpoint: it can only be trained with LoRA "
                           "(set lora.enabled: true)")
     if cfg.lora.enabled:
-        apply_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+        apply_lora(decoder, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                    target_modules=cfg.lora.target_modules, use_rslora=cfg.lora.rslora, seed=cfg.train.seed)
-    configure_kernels(model, cfg.train.kernels, cfg.train.kernels_off)  # fused LoRA, RMSNorm, RoPE, SwiGLU
+    configure_kernels(decoder, cfg.train.kernels, cfg.train.kernels_off)  # fused LoRA, RMSNorm, RoPE, SwiGLU
+    if vision is not None:  # the projector trains; the tower never; the decoder as train.trainable says
+        model.trainable(mm.resolve_trainable(cfg))
     params = trainable_parameters(model)
     for p in params:  # optimizer state and updates in float32 even when the frozen base is bf16
         p.data = p.data.float()
@@ -371,16 +409,20 @@ def _train(cfg: Config, run: RunDirectory, dist) -> dict:
     n_total = sum(p.numel() for p in model.parameters()) + sum(m.in_features * m.out_features for m in quantized)
     n_train = sum(p.numel() for p in params)
     _say(f"model: {n_total / 1e6:.2f}M parameters, {n_train / 1e6:.3f}M trainable "
-         f"({'LoRA r=%d' % cfg.lora.r if cfg.lora.enabled else 'full fine-tune'}"
+         f"({mm.resolve_trainable(cfg) + ', ' if vision is not None else ''}"
+         f"{'LoRA r=%d' % cfg.lora.r if cfg.lora.enabled else 'full fine-tune'}"
          f"{', %d linear layers in 4-bit NF4' % len(quantized) if quantized else ''}) on {device}")
     model.train()
     dist.shard(model)  # train.fsdp: FSDP2 over each decoder layer, then the root; otherwise nothing
     params = trainable_parameters(model)  # (FSDP2 replaced them by sharded DTensors)
     if dist.world_size > 1:  # the same init on every rank above; from here each rank its own dropout masks
         torch.manual_seed(dist.rank_seed(cfg.train.seed))  # CPU and every CUDA device
+    images = None  # multimodal: a batch's images -> pixel_values (or cached tower features) and image_starts
+    if vision is not None:
+        images = mm.ImageInputs(model, vision.processor, device, cache_images=cfg.model.vision_feature_cache)
     objective = Objective(model, device, kl_to_base=cfg.train.kl_to_base, kl_tokens=cfg.train.kl_tokens,
                           neftune_alpha=cfg.train.neftune_alpha, kernels=loss_kernels, autocast=autocast,
-                          kl_topk=cfg.train.kl_base_topk > 0)
+                          kl_topk=cfg.train.kl_base_topk > 0, inputs=images.for_batch if images else None)
 
     # ---- batching: packed bins of max_seq_len tokens, or one padded record a row; shuffled or phased --
     pad_id = tokenizer.pad_id
@@ -396,9 +438,11 @@ def _train(cfg: Config, run: RunDirectory, dist) -> dict:
     if cfg.train.kl_base_topk:
         base_topk = _base_topk(cfg, model, train_store, data_dir, run, pad_id=pad_id, device=device,
                                autocast=autocast, dist=dist, cache_key=cache_key)
-    order = BatchOrder(train_store, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed, pad_id=pad_id,
-                       packing=cfg.data.packing, max_seq_len=cfg.data.max_seq_len,
-                       group_by_length=cfg.train.group_by_length, phases=phases, per_token=base_topk)
+    order_kw = dict(micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed, pad_id=pad_id,
+                    packing=cfg.data.packing, max_seq_len=cfg.data.max_seq_len,
+                    group_by_length=cfg.train.group_by_length, phases=phases, per_token=base_topk)
+    order = (mm.MultimodalBatchOrder(mm_train, **order_kw) if vision is not None
+             else BatchOrder(train_store, **order_kw))
     if cfg.data.packing:
         _say(f"packing: {len(train_store)} records into {order.num_units} rows of {cfg.data.max_seq_len} tokens "
              f"({order.efficiency:.1%} of the capacity holds real tokens"
@@ -438,9 +482,13 @@ def _train(cfg: Config, run: RunDirectory, dist) -> dict:
                        "changes": run.changes, "skipped_checkpoints": [list(s) for s in run.skipped]})
 
     def save_weights(out_dir: Path) -> None:
-        """The PEFT adapter (LoRA) or the whole model (full fine-tune), with the tokenizer."""
+        """The PEFT adapter (LoRA; of the decoder) or the whole model (full fine-tune; multimodal: a LLaVA
+        directory), with the tokenizer."""
+        if vision is not None and not cfg.lora.enabled:
+            mm.save_llava_model(model, out_dir, processor=vision.processor, tokenizer=tokenizer)
+            return
         if cfg.lora.enabled:
-            save_adapter(model, out_dir, base_model_name_or_path=base_name,
+            save_adapter(decoder, out_dir, base_model_name_or_path=base_name,
                          lora_config={"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
                                       "target_modules": cfg.lora.target_modules, "use_rslora": cfg.lora.rslora})
         else:
@@ -491,12 +539,16 @@ def _train(cfg: Config, run: RunDirectory, dist) -> dict:
         if eval_store is not None and len(eval_store):
             r = response_loss(model, eval_store, pad_id=pad_id, batch_size=cfg.eval.batch_size,
                               max_records=cfg.eval.max_records, device=device, autocast=autocast,
-                              kernels=loss_kernels)
+                              kernels=loss_kernels,
+                              inputs=(lambda idx, width: images.for_records(mm_eval, idx, width)) if images else None)
             out.update(eval_loss=r["loss"], eval_ppl=r["ppl"])
             if cfg.eval.exact_match and generate:
                 em = exact_match(model, tokenizer, eval_store, n=cfg.eval.exact_match,
                                  max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-                                 device=device, autocast=autocast, answer_pattern=cfg.eval.answer_pattern)
+                                 device=device, autocast=autocast, answer_pattern=cfg.eval.answer_pattern,
+                                 inputs=(lambda idx, width, pad, lens: images.for_records(mm_eval, idx, width, pad, lens))
+                                 if images else None,
+                                 suppress_ids={vision.image_token_id} if vision is not None else ())
                 out.update(exact_match=em["exact_match"], samples=em["samples"])
                 if "answer_accuracy" in em:
                     out.update(answer_accuracy=em["answer_accuracy"], answer_records=em["answer_records"])
@@ -623,6 +675,10 @@ def _train(cfg: Config, run: RunDirectory, dist) -> dict:
                                         f"{signals.resume_command(run_dir)}") as tmp:
                 save_weights(tmp)
                 signals.maybe_kill_for_test("outputs", state["step"])  # test hook: the adapter half-published
+            if vision is not None and cfg.lora.enabled:  # and the LLaVA directory that transformers / vLLM load
+                out_dir = run_dir / "model"
+                with atomic_directory(out_dir, f"the model {out_dir}") as tmp:
+                    mm.save_llava_model(model, tmp, processor=vision.processor, tokenizer=tokenizer)
     metrics.close()
     records = metrics.read()
     if cfg.output.plot and dist.is_main:

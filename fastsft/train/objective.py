@@ -11,6 +11,8 @@ noise is the backbone's (``Backbone.neftune_alpha``), switched on here.
 With ``kl_topk`` the base ran once before training instead: each batch carries the base's cached top-k
 log-probs (``base_topk_ids``, ``base_topk_logp``, laid out like its tokens by ``BatchOrder``) and the KL is the
 coarse-grained one of :mod:`fastsft.loss_kl_topk`, with no base forward here.
+
+``inputs(batch) -> dict`` adds forward arguments: a multimodal batch's images (``fastsft.multimodal.training``).
 """
 
 from __future__ import annotations
@@ -40,18 +42,21 @@ class Objective:
 
     def __init__(self, model, device, *, kl_to_base: float = 0.0, kl_tokens: str = "response",
                  neftune_alpha: float = 0.0, kernels: str = "auto", autocast=contextlib.nullcontext,
-                 kl_topk: bool = False):
+                 kl_topk: bool = False, inputs=None):
         if kl_tokens not in ("response", "all"):
             raise ValueError(f"kl_tokens must be 'response' or 'all', got {kl_tokens!r}")
         self.model, self.device, self.autocast = model, device, autocast
         self.kl_to_base, self.kl_tokens, self.kernels = float(kl_to_base), kl_tokens, kernels
         self.kl_topk = bool(kl_topk) and self.kl_to_base > 0
+        self.inputs = inputs  # batch -> more forward arguments (a multimodal batch's images)
         model.model.neftune_alpha = float(neftune_alpha)
 
     def forward_args(self, batch: dict) -> dict:
         args = {"position_ids": batch["position_ids"].to(self.device), **packed_args(batch, self.device)}
         if "lengths" in batch and "cu_seqlens" not in batch:
             args["seq_lengths"] = batch["lengths"].to(self.device)  # NEFTune's L of right-padded rows
+        if self.inputs is not None:
+            args.update(self.inputs(batch))
         return args
 
     @torch.no_grad()
