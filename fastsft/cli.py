@@ -79,6 +79,9 @@ def _train_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     p.add_argument("config", nargs="?", help="YAML config file (sections model, lora, data, train, eval, output).")
+    p.add_argument("--recipe", metavar="NAME",
+                   help=f"A recipe shipped with fastsft instead of a config file: {', '.join(recipe_names())}. "
+                        "llava-demo runs the embedded two-stage multimodal demo (images drawn locally).")
     p.add_argument("--resume", nargs="?", const="", metavar="RUN_DIR",
                    help="Continue from the latest checkpoint of RUN_DIR (default: output.dir), with its saved "
                         "config plus any overrides given here.")
@@ -109,12 +112,41 @@ def _overrides(ns: argparse.Namespace) -> dict:
     return out
 
 
+RECIPES = Path(__file__).parent / "recipes"
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES.glob("*.yaml") if not p.stem.startswith("llava-demo-")) + ["llava-demo"]
+
+
+def _recipe_path(name: str) -> Path:
+    path = RECIPES / f"{name}.yaml"
+    if name == "llava-demo" or not path.is_file():
+        close = difflib.get_close_matches(name, recipe_names(), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"--recipe {name}: no such recipe{hint}; recipes: {', '.join(recipe_names())}")
+    return path
+
+
 def train_main(argv: list[str]) -> int:
     args = _train_parser().parse_args(_numbers_as_values(argv))
     overrides = _overrides(args)
     try:
         resume = args.resume is not None
         config_path = args.config
+        if args.recipe and resume:
+            raise ConfigError("--resume continues with the run's saved config; drop --recipe")
+        if args.recipe == "llava-demo":  # two stages, one command
+            if config_path:
+                raise ConfigError("give either a config file or --recipe, not both")
+            from fastsft.multimodal.demo_run import run_demo
+
+            run_demo(overrides)
+            return 0
+        if args.recipe:
+            if config_path:
+                raise ConfigError("give either a config file or --recipe, not both")
+            config_path = _recipe_path(args.recipe)
         if resume:
             cfg = _resume_config(args.resume, config_path, overrides)
         else:

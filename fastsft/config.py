@@ -342,7 +342,9 @@ def set_option(cfg: Config, key: str, value: Any, where: str = "") -> None:
     setattr(getattr(cfg, section), name, coerce(key, value))
 
 
-def from_dict(d: dict, where: str = "") -> Config:
+def from_dict(d: dict, where: str = "", *, check: bool = True) -> Config:
+    """A Config from a {section: {key: value}} mapping; ``check=False`` defers the cross-field checks (a
+    recipe that the command line completes)."""
     cfg = Config()
     if not isinstance(d, dict):
         raise ConfigError(f"{where}a config must be a mapping of sections, got {type(d).__name__}")
@@ -353,7 +355,8 @@ def from_dict(d: dict, where: str = "") -> Config:
             raise ConfigError(f"{where}section '{section}' must be a mapping, got {body!r}")
         for name, value in body.items():
             set_option(cfg, f"{section}.{name}", value, where)
-    validate(cfg)
+    if check:
+        validate(cfg)
     return cfg
 
 
@@ -368,7 +371,7 @@ def load(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Co
             raise ConfigError(f"config file {p} does not exist") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
-    cfg = from_dict(data, where=f"{path}: " if path else "")
+    cfg = from_dict(data, where=f"{path}: " if path else "", check=False)  # checked with the overrides below
     for key, value in (overrides or {}).items():
         set_option(cfg, key, value)
     validate(cfg)
@@ -470,7 +473,7 @@ def dataset_formats(cfg: Config) -> list[str]:
 
 def is_multimodal(cfg: Config) -> bool:
     """LLaVA data or a vision tower: the run trains a MultimodalCausalLM (fastsft.multimodal)."""
-    return "llava" in dataset_formats(cfg) or bool(cfg.model.vision_tower)
+    return "llava" in dataset_formats(cfg) or cfg.data.format == "llava" or bool(cfg.model.vision_tower)
 
 
 def _validate_multimodal(cfg: Config, need) -> None:
@@ -480,9 +483,11 @@ def _validate_multimodal(cfg: Config, need) -> None:
         need(cfg.train.trainable == "auto", "train.trainable", "is for multimodal runs: set data.format llava")
         return
     formats = dataset_formats(cfg)
-    need(cfg.data.datasets and set(formats) == {"llava"}, "data.format",
+    need(bool(cfg.data.datasets), "data.datasets", "must name the LLaVA JSON files of a multimodal run (the built-in "
+         "dataset is text; `fastsft train --recipe llava-demo` draws its own images)")
+    need(set(formats) == {"llava"}, "data.format",
          f"must be llava for every dataset of a multimodal run (records without an image train as text); got "
-         f"{sorted(set(formats)) or ['the built-in dataset']}")
+         f"{sorted(set(formats))}")
     for key, ok in (("data.curriculum", cfg.data.curriculum == "none"), ("train.kl_base_topk", not cfg.train.kl_base_topk),
                     ("train.kl_to_base", not cfg.train.kl_to_base), ("data.replay", cfg.data.replay is None),
                     ("train.fsdp", not cfg.train.fsdp), ("model.load_in_4bit", not cfg.model.load_in_4bit)):

@@ -372,7 +372,8 @@ def build_llava_store(records: Iterable[Any], tokenizer: Any, *, image_dir: Unio
     raws = records if all(isinstance(r, RawRecord) for r in records) else records_from_memory(records)
     ids_parts, label_parts, paths, starts, counts = [], [], [], [], []
     report = {"records_read": 0, "bad_skipped": 0, "bad_examples": [], "dropped_image_cut": 0,
-              "dropped_truncated": 0, "truncated": 0, "images": 0, "text_only": 0}
+              "dropped_truncated": 0, "truncated": 0, "truncated_tokens": 0, "truncated_trained_tokens": 0,
+              "images": 0, "text_only": 0}
     for raw in raws:
         report["records_read"] += 1
         try:
@@ -382,7 +383,7 @@ def build_llava_store(records: Iterable[Any], tokenizer: Any, *, image_dir: Unio
                                                     image_token_id=image_token_id, num_image_tokens=num_image_tokens,
                                                     mode=mode, train_on=train_on, add_bos=add_bos,
                                                     check_images=check_images)
-            n = len(ids)
+            n, trained = len(ids), sum(lab != IGNORE_INDEX for lab in labels)
             try:
                 ids, labels, s = truncate_record(ids, labels, s, num_image_tokens, max_seq_len)
             except _CutImage as e:
@@ -404,6 +405,8 @@ def build_llava_store(records: Iterable[Any], tokenizer: Any, *, image_dir: Unio
                 report["dropped_truncated"] += 1
                 continue
             report["truncated"] += 1
+            report["truncated_tokens"] += n - len(ids)
+            report["truncated_trained_tokens"] += trained - sum(lab != IGNORE_INDEX for lab in labels)
         ids_parts.append(np.asarray(ids, np.int32))
         label_parts.append(np.asarray(labels, np.int32))
         paths.extend(p[: len(s)])

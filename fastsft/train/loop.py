@@ -729,6 +729,10 @@ def _report_lines(report: dict) -> list[str]:
                      f"{d.get('truncated_trained_tokens', '?')} of them response tokens)")
         if d.get("dropped_truncated"):
             line += f", {d['dropped_truncated']} dropped (response cut by max_seq_len)"
+        if d.get("dropped_image_cut"):  # llava: never half an image
+            line += f", {d['dropped_image_cut']} dropped (max_seq_len cuts inside an image)"
+        if d.get("images") is not None and d.get("format") == "llava":
+            line += f", {d['images']} images, {d.get('text_only', 0)} records without one"
         lines.append(line)
         usable = d["records"] + d.get("dropped_truncated", 0)
         if d.get("dropped_truncated", 0) > usable / 4:

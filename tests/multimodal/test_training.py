@@ -161,7 +161,8 @@ def test_padded_batches_train_like_packed_ones(tmp_path, llava_dir):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"model.vision_tower": "demo"}, "data.format' must be llava"),
+    ({"model.vision_tower": "demo"}, "data.datasets' must name the LLaVA JSON files"),
+    ({"model.vision_tower": "demo", "data.datasets": ["x.jsonl"]}, "data.format' must be llava"),
     ({"data.format": "llava", "data.datasets": ["x.json"], "train.trainable": "projector"}, "set lora.enabled false"),
     ({"data.format": "llava", "data.datasets": ["x.json"], "data.curriculum": "length"}, "data.curriculum"),
     ({"data.format": "llava", "data.datasets": ["x.json"], "train.kl_to_base": "0.1"}, "train.kl_to_base"),
