@@ -4,11 +4,20 @@ Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors. Triton
 compiler when a ``@triton.jit`` function is decorated (its own ``tl.sum``/``tl.max`` when triton is
 first imported), so ``TRITON_INTERPRET`` must be set before anything imports triton — transformers and
 bitsandbytes do — which is why it is set here, in the conftest pytest imports first.
+
+``python -m pytest`` in the repository root puts the root first on sys.path, where the kernels/ directory
+(installed as fastsft.kernels) would shadow Hugging Face's ``kernels`` package, which transformers 5.25+
+imports: that entry is dropped here, before anything imports transformers (plain ``pytest`` never adds it).
 """
 
 import os
+import sys
 
-import torch
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if not (os.path.abspath(p or ".") == _ROOT
+                                           and os.path.isfile(os.path.join(_ROOT, "kernels", "__init__.py")))]
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
