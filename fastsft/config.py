@@ -126,7 +126,8 @@ class DataConfig:
                            "result is the same for any number). 0: the cores (divided among torchrun's ranks).")
     token_cache: bool = _opt(True, "Reuse the token stores of an earlier run on the same data, tokenizer and options "
                                    "(a cache keyed by their content hashes, in $FASTSFT_CACHE_DIR or "
-                                   "~/.cache/fastsft/token-stores); false always tokenises.")
+                                   "~/.cache/fastsft/token-stores); false always tokenises. LLaVA data is "
+                                   "always tokenised afresh (no key covers its image files).")
     packing: bool = _opt(True, "Pack several records into each max_seq_len row (best-fit decreasing), attention "
                                "kept within each record; false pads one record a row.")
 
