@@ -162,3 +162,20 @@ def test_random_tower_features_carry_colour_shape_and_position():
     assert acc["position/patches"] > 3 * chance["position"]
     assert acc["count/mean"] > 1.6 * chance["count"]  # the weakest: 0.69..0.79 over tower seeds
     assert forward_s < 0.5  # ~0.01 s; the bound leaves room for a loaded machine
+
+
+def test_llava_demo_runs_both_stages(tmp_path):
+    """`fastsft train --recipe llava-demo` in miniature: stage 1 trains the projector, stage 2 starts from its
+    LLaVA directory, and the final model/ is a LLaVA directory transformers loads. (The full demo -- about 3
+    minutes on 2 cores, exact match far above chance -- is recorded in benchmarks/results/*-llava-demo.json.)"""
+    from transformers import LlavaForConditionalGeneration
+
+    from fastsft.multimodal.demo_run import run_demo
+
+    result = run_demo({"output.dir": str(tmp_path / "demo"), "output.progress": "false", "train.max_steps": "6",
+                       "eval.exact_match": "8"}, sizes={"n_caption": 64, "n_train": 96, "n_eval": 16, "n_text": 8,
+                                                        "n_train_images": 64})
+    assert result["stage1"]["eval_after"]["eval_loss"] < result["stage1"]["eval_before"]["eval_loss"]
+    assert "exact_match" in result["stage2"]["eval_after"] and 0.2 < result["chance"] < 0.35
+    assert (tmp_path / "demo" / "demo.json").is_file()
+    LlavaForConditionalGeneration.from_pretrained(tmp_path / "demo" / "stage2" / "model")
