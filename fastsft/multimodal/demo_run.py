@@ -61,7 +61,7 @@ def run_demo(overrides: dict, *, sizes: dict | None = None) -> dict:
           f"stage 1 caption loss {s1['eval_before'].get('eval_loss', float('nan')):.3f} -> "
           f"{s1['eval_after'].get('eval_loss', float('nan')):.3f}; model: {out / 'stage2' / 'model'}")
     result = {"benchmark": "llava-demo", "device": f"cpu-{os.cpu_count()}core", "date": time.strftime("%Y-%m-%d"),
-              "command": "fastsft train --recipe llava-demo " + " ".join(sys.argv[3:]),
+              "command": "fastsft train --recipe llava-demo " + " ".join(sys.argv[4:]),
               "versions": {"python": platform.python_version(), "torch": torch.__version__,
                            "transformers": transformers.__version__, "fastsft": __version__},
               "wall_s": time.time() - started, "sizes": data["sizes"],
