@@ -479,8 +479,8 @@ def is_multimodal(cfg: Config) -> bool:
 
 def _validate_multimodal(cfg: Config, need) -> None:
     if not is_multimodal(cfg):
-        for key in ("model.vision_tower", "model.projector"):
-            need(not flatten_value(cfg, key), key, "is for multimodal runs: set data.format llava")
+        need(not cfg.model.vision_tower, "model.vision_tower", "is for multimodal runs: set data.format llava")
+        need(not cfg.model.projector, "model.projector", "is for multimodal runs: set data.format llava")
         need(cfg.train.trainable == "auto", "train.trainable", "is for multimodal runs: set data.format llava")
         return
     formats = dataset_formats(cfg)
@@ -498,11 +498,6 @@ def _validate_multimodal(cfg: Config, need) -> None:
          f"{t} trains no LoRA adapters: set lora.enabled false")
     need(t != "projector+lora" or cfg.lora.enabled, "train.trainable", "projector+lora needs lora.enabled true")
     need(cfg.model.vision_feature_cache >= 0, "model.vision_feature_cache", "must be 0 (off) or a number of images")
-
-
-def flatten_value(cfg: Config, key: str) -> Any:
-    section, name = key.split(".", 1)
-    return getattr(getattr(cfg, section), name)
 
 
 def to_dict(cfg: Config) -> dict:

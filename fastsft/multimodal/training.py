@@ -35,7 +35,7 @@ from .model import (MultimodalCausalLM, Projector, _vision_config, load_vision_t
                     vision_tower_from_config)
 
 __all__ = ["VisionSetup", "is_llava_dir", "build_data", "build_model", "concat_stores", "MultimodalBatchOrder",
-           "ImageInputs", "save_llava_model", "load_stores", "resolve_trainable"]
+           "ImageInputs", "save_llava_model", "resolve_trainable"]
 
 
 def is_llava_dir(path: str | None) -> bool:
@@ -134,7 +134,7 @@ def concat_stores(stores: list[MultimodalStore]) -> MultimodalStore:
                            first.image_token_id)
 
 
-def _paths(entries: list, cfg: Config) -> list[str]:
+def _paths(entries: list) -> list[str]:
     return [e if isinstance(e, str) else e["path"] for e in entries]
 
 
@@ -151,7 +151,7 @@ def build_data(cfg: Config, tokenizer, vision: VisionSetup) -> tuple[MultimodalS
         raise ConfigError("config key 'data.datasets': weights are not supported with llava data yet")
     train_parts, eval_parts, reports, eval_reports = [], [], [], []
     held_out = not cfg.data.eval_datasets
-    for i, path in enumerate(_paths(cfg.data.datasets, cfg)):
+    for i, path in enumerate(_paths(cfg.data.datasets)):
         store, rep = load_llava_data(path, tokenizer, image_dir=cfg.data.image_dir, **kw)
         train_idx, eval_idx = split_eval(len(store), cfg.data.eval_fraction if held_out else 0.0,
                                          _rng(cfg.train.seed, 1, i))
@@ -160,7 +160,7 @@ def build_data(cfg: Config, tokenizer, vision: VisionSetup) -> tuple[MultimodalS
         train_parts.append(store.select(train_idx))
         rep.update(name=Path(path).name, format="llava", train_records=len(train_idx), eval_records=len(eval_idx))
         reports.append(rep)
-    for path in _paths(cfg.data.eval_datasets, cfg):
+    for path in _paths(cfg.data.eval_datasets):
         store, rep = load_llava_data(path, tokenizer, image_dir=cfg.data.image_dir, **kw)
         eval_parts.append(store)
         rep.update(name=Path(path).name, format="llava", train_records=0, eval_records=len(store))
@@ -174,13 +174,6 @@ def build_data(cfg: Config, tokenizer, vision: VisionSetup) -> tuple[MultimodalS
               "settings": {"max_seq_len": cfg.data.max_seq_len, "mode": cfg.data.llava_mode,
                            "image_token_id": vision.image_token_id, "num_image_tokens": vision.num_image_tokens}}
     return train, eval_store, report
-
-
-def load_stores(data_dir: Path) -> tuple[MultimodalStore, MultimodalStore | None]:
-    """The saved stores of a resumed run (train.npz / eval.npz and their .images.npz)."""
-    train = MultimodalStore.load(data_dir / "train.npz")
-    eval_store = MultimodalStore.load(data_dir / "eval.npz") if (data_dir / "eval.npz").exists() else None
-    return train, eval_store
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -165,13 +165,14 @@ def _say(msg: str) -> None:
         tqdm.write(msg)
 
 
-def _load_token_stores(data_dir: Path):
-    """(train, eval or None, report) of a resumed run; a file that cannot be read is one line naming it."""
+def _load_token_stores(data_dir: Path, load=TokenStore.load):
+    """(train, eval or None, report) of a resumed run, read by ``load`` (a multimodal run's:
+    MultimodalStore.load); a file that cannot be read is one line naming it."""
     path = data_dir / "train.npz"
     try:
-        train_store = TokenStore.load(path)
+        train_store = load(path)
         path = data_dir / "eval.npz"
-        eval_store = TokenStore.load(path) if path.exists() else None
+        eval_store = load(path) if path.exists() else None
         path = data_dir / "report.json"
         report = json.loads(path.read_text())
     except (OSError, ValueError, KeyError, EOFError) as e:
@@ -285,9 +286,11 @@ def _train(cfg: Config, run: RunDirectory, dist) -> dict:
     cached = token_cache.lookup(cache_key)
     if reuse_run_stores:
         # the token stores of the interrupted run (verified against run.json): same records, same order
-        train_store, eval_store, report = _load_token_stores(data_dir)
-        if vision is not None:
-            mm_train, mm_eval = mm.load_stores(data_dir)
+        if vision is not None:  # and each record's images
+            mm_train, mm_eval, report = _load_token_stores(data_dir, load=mm.MultimodalStore.load)
+            train_store, eval_store = mm_train.tokens, (mm_eval.tokens if mm_eval is not None else None)
+        else:
+            train_store, eval_store, report = _load_token_stores(data_dir)
     elif cached is not None:
         # the same data, tokenizer and options as an earlier run: its token stores, no tokenising
         if dist.is_main:
@@ -374,8 +377,10 @@ def _train(cfg: Config, run: RunDirectory, dist) -> dict:
                                        seed=cfg.train.seed)
             if dist.is_main and cfg.output.save_random_base:
                 with atomic_directory(Path(base_name), f"the random base model {base_name}") as tmp:
-                    mm.save_llava_model(model, tmp, processor=vision.processor) if vision is not None \
-                        else save_pretrained(model, tmp)
+                    if vision is not None:
+                        mm.save_llava_model(model, tmp, processor=vision.processor)
+                    else:
+                        save_pretrained(model, tmp)
                 run.record_inputs("base_model")
     if vision is not None and not isinstance(model, mm.MultimodalCausalLM):  # model.path: a text decoder
         model = mm.build_model(cfg, vision, dtype=dtype, device=load_device, language_model=model,
